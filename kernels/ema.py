@@ -8,7 +8,7 @@ C++ / CUDA versions plug in through ``ema_update_``'s dispatch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

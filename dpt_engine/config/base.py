@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_yaml", "parse_override"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_yaml", "parse_override", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -177,9 +177,7 @@ def _check_path(cls: type, parts: list[str], full: str) -> None:
             raise ConfigError(f"override '{full}': '{'.'.join(done)}' has no sub-keys")
         hints = get_type_hints(tp)
         if p not in hints:
-            raise ConfigError(
-                f"unknown config key '{'.'.join([*done, p])}'.{_suggest(p, list(hints))}"
-            )
+            raise ConfigError(f"unknown config key '{'.'.join([*done, p])}'.{_suggest(p, list(hints))}")
         tp = hints[p]
         done.append(p)
 
@@ -197,4 +195,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data
-

@@ -12,7 +12,7 @@ from typing import Any
 from .base import ConfigError, apply_overrides, from_dict, load_yaml
 from .schema import PipelineConfig
 
-__all__ = ["PRESETS", "get_preset", "list_presets", "resolve_config", "deep_merge"]
+__all__ = ["PRESETS", "deep_merge", "get_preset", "list_presets", "resolve_config"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: scikit-learn's 8x8 digits (real data, ships with scikit-learn),
@@ -32,13 +32,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": {
         "data": {"name": "cifar10", "labels_per_class": 4},
         "stage1": {
-            "learner": "freematch", "backbone": "wrn-28-2", "steps": 1048576, "batch_size": 64,
-            "lr": 0.03, "ema_decay": 0.999, "uratio": 7, "hflip": True, "eval_every": 5000,
+            "learner": "freematch",
+            "backbone": "wrn-28-2",
+            "steps": 1048576,
+            "batch_size": 64,
+            "lr": 0.03,
+            "ema_decay": 0.999,
+            "uratio": 7,
+            "hflip": True,
+            "eval_every": 5000,
             "checkpoint_every": 5000,
         },
         "stage3": {
-            "learner": "freematch", "backbone": "wrn-28-2", "steps": 1048576, "batch_size": 64,
-            "lr": 0.03, "ema_decay": 0.999, "uratio": 7, "hflip": True, "eval_every": 5000,
+            "learner": "freematch",
+            "backbone": "wrn-28-2",
+            "steps": 1048576,
+            "batch_size": 64,
+            "lr": 0.03,
+            "ema_decay": 0.999,
+            "uratio": 7,
+            "hflip": True,
+            "eval_every": 5000,
             "checkpoint_every": 5000,
         },
         "run": {"num_workers": 4},

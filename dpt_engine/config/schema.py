@@ -140,7 +140,9 @@ class DiffusionConfig:
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"stage2.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold < 1.0:
-            raise ConfigError(f"stage2.confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
+            raise ConfigError(
+                f"stage2.confidence_threshold must be in [0, 1), got {self.confidence_threshold}"
+            )
 
 
 @dataclass

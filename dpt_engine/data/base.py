@@ -8,8 +8,9 @@ memory (:class:`ArrayImageDataset`); image folders load files on demand
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -61,7 +62,9 @@ class ArrayImageDataset(ImageDataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str = ""):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise DataError(f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise DataError(
+                f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape[0] != images.shape[0]:
             raise DataError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
         if images.shape[2] != images.shape[3]:
@@ -83,7 +86,7 @@ class ArrayImageDataset(ImageDataset):
     def in_memory(self) -> bool:
         return True
 
-    def subset(self, idx: np.ndarray | torch.Tensor) -> "ArrayImageDataset":
+    def subset(self, idx: np.ndarray | torch.Tensor) -> ArrayImageDataset:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         return ArrayImageDataset(self.images[idx], self.labels[idx], self.classes, self.name)
 
@@ -169,7 +172,9 @@ class ConcatImageDataset(ImageDataset):
                     f"{(p.channels, p.image_size)}: resize the generated images to the real ones' size"
                 )
             if p.num_classes != first.num_classes:
-                raise DataError(f"cannot combine datasets with {first.num_classes} and {p.num_classes} classes")
+                raise DataError(
+                    f"cannot combine datasets with {first.num_classes} and {p.num_classes} classes"
+                )
         self.parts = list(parts)
         self.classes = list(first.classes)
         self.channels, self.image_size = first.channels, first.image_size
