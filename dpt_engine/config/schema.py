@@ -159,6 +159,7 @@ class SampleConfig:
     method: Literal["multistep", "singlestep"] = "multistep"
     skip_type: Literal["time_uniform", "logSNR"] = "time_uniform"
     guidance_scale: float = 0.4
+    clip_denoised: bool = True  # clip the data prediction to [-1, 1] (pixel space only)
     batch_size: int = 256
     seed: int = 0  # sample (class c, index i) uses a seed derived from (seed, c, i)
     format: Literal["png"] = "png"

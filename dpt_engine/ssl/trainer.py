@@ -1,0 +1,661 @@
+"""Classifier training for DPT's stages 1 and 3: FreeMatch, FixMatch, or supervised.
+
+Learners (``cfg.learner``):
+
+* ``fixmatch`` -- Sohn et al., "FixMatch", NeurIPS 2020. For an unlabeled image ``u`` with weak
+  view ``alpha(u)`` and strong view ``A(u)``: ``q = softmax(f(alpha(u)))``, pseudo-label
+  ``y^ = argmax q``, mask ``1[max q >= threshold]``, and
+  ``L = CE_w(x, y) + lambda_u * mean_u(mask * CE(f(A(u)), y^))``.
+* ``freematch`` -- Wang et al., "FreeMatch: Self-adaptive Thresholding for Semi-supervised
+  Learning", ICLR 2023. Same consistency loss, but the threshold is self-adaptive
+  (:class:`FreeMatchThresholds`), plus the self-adaptive fairness term ``lambda_ent * L_f``
+  (:func:`freematch_fairness_loss`).
+* ``supervised`` -- weighted CE on weakly augmented labeled images only.
+
+``linear-probe`` is dispatched to :func:`dpt_engine.ssl.linear_probe.fit_linear_probe`.
+
+Common machinery (FixMatch's recipe): one forward over ``cat(labeled weak, unlabeled weak,
+unlabeled strong)`` so BatchNorm sees the whole batch; SGD with (Nesterov) momentum and weight
+decay on weights only (not BN / biases); learning rate ``lr * cos(7 pi k / (16 K))`` at step ``k``
+of ``K``; an EMA teacher ``ema <- d * ema + (1 - d) * params`` with BN buffers copied, using
+``d_k = min(ema_decay, (1 + k) / (10 + k))`` (the usual EMA warm-up, so short runs are not
+dominated by the random init); evaluation, pseudo-labels and ``model.pt`` use the EMA model.
+
+Labeled images are drawn in epochs without replacement (a fresh permutation each time the
+labeled set is exhausted), unlabeled ones likewise, ``uratio * batch_size`` per step. All sampling
+and augmentation randomness comes from one ``torch.Generator`` seeded from ``seed``.
+
+Resumability: every ``cfg.checkpoint_every`` steps (and at the last step) ``work_dir /
+"checkpoint.pt"`` is written atomically with the model, EMA, optimizer, FreeMatch state, sampler
+positions, the generator state, the global torch (and CUDA) RNG states, the history and the
+metric accumulators; re-running ``fit_classifier`` with the same arguments resumes from it. On CPU
+an interrupted-and-resumed run ends with bit-identical EMA weights and history (except the
+wall-clock ``time`` column) to an uninterrupted one. ``model.pt`` (the EMA state dict) and
+``history.json`` are written at the end.
+
+Test hook: with the environment variable ``DPT_TEST_INTERRUPT_AT_STEP=N``, ``fit_classifier``
+raises ``KeyboardInterrupt`` right after the checkpoint of step ``N`` is written (``N`` must be a
+checkpoint step), simulating a run killed at that point.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.schema import ClassifierConfig
+from ..data.base import DataError, ImageDataset, iterate_batches
+from ..models.classifiers import create_classifier
+from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
+from .augment import strong, to_float, weak
+
+__all__ = [
+    "INTERRUPT_ENV",
+    "ClassifierData",
+    "FitResult",
+    "FreeMatchThresholds",
+    "evaluate_top1",
+    "fit_classifier",
+    "fixmatch_mask",
+    "freematch_fairness_loss",
+    "predict_proba",
+]
+
+INTERRUPT_ENV = "DPT_TEST_INTERRUPT_AT_STEP"
+_CKPT_VERSION = 1
+_MAX_DEVICE_STORE_BYTES = 2 << 30  # image stores up to 2 GiB live on the GPU
+_MAX_MATERIALISE_BYTES = 8 << 30  # folder datasets up to 8 GiB are read into memory once
+
+
+@dataclass
+class ClassifierData:
+    """What a classifier stage trains and evaluates on.
+
+    ``labeled_idx`` indexes ``labeled`` (labels from ``labeled.labels``, all must be >= 0);
+    ``unlabeled_idx`` indexes ``unlabeled`` (labels there are ignored, except as a diagnostic of
+    pseudo-label accuracy where known); ``labeled_weight`` gives a per-example loss weight aligned
+    with ``labeled_idx`` (stage 3: 1.0 for real images, ``pseudo_weight`` for generated ones).
+    """
+
+    labeled: ImageDataset
+    labeled_idx: np.ndarray
+    unlabeled: Optional[ImageDataset]
+    unlabeled_idx: Optional[np.ndarray]
+    test: Optional[ImageDataset]
+    num_classes: int
+    labeled_weight: Optional[np.ndarray] = None
+
+    def validate(self, semi_supervised: bool) -> None:
+        idx = np.asarray(self.labeled_idx)
+        if idx.ndim != 1 or len(idx) == 0:
+            raise DataError(f"labeled_idx must be a non-empty 1-D index array, got shape {idx.shape}")
+        labels = self.labeled.labels[torch.as_tensor(idx, dtype=torch.long)]
+        if (labels < 0).any() or (labels >= self.num_classes).any():
+            bad = idx[((labels < 0) | (labels >= self.num_classes)).numpy()][:5].tolist()
+            raise DataError(
+                f"labeled examples must have labels in [0, {self.num_classes}); e.g. indices {bad}"
+            )
+        if self.labeled_weight is not None:
+            w = np.asarray(self.labeled_weight)
+            if w.shape != idx.shape or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+                raise DataError(
+                    f"labeled_weight must be finite, >= 0, not all 0 and aligned with labeled_idx "
+                    f"(shape {idx.shape}), got shape {w.shape}"
+                )
+        if semi_supervised and (
+            self.unlabeled is None or self.unlabeled_idx is None or len(self.unlabeled_idx) == 0
+        ):
+            raise DataError("a semi-supervised learner needs unlabeled data (unlabeled and unlabeled_idx)")
+
+
+@dataclass
+class FitResult:
+    """The trained model (EMA teacher, eval mode, on the training device) and its record."""
+
+    model: nn.Module
+    history: list[dict]
+    test_top1: Optional[float]
+    resumed_from: int
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-label masks and the FreeMatch state
+# --------------------------------------------------------------------------------------------
+
+
+def fixmatch_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """FixMatch's confidence mask: ``1[max_c probs[:, c] >= threshold]``, float ``(B,)``."""
+    return (probs.max(dim=1).values >= threshold).to(probs.dtype)
+
+
+class FreeMatchThresholds:
+    """FreeMatch's self-adaptive thresholds (Wang et al. 2023, Sec. 3.2), state on ``device``.
+
+    With EMA momentum ``lambda`` (``cfg.tau_ema``) and the weak-view probabilities ``q_b`` of the
+    unlabeled batch (``B`` rows, ``C`` classes), :meth:`update` does::
+
+        tau_t   = lambda * tau_{t-1}   + (1 - lambda) * mean_b max_c q_b(c)          # global
+        p~_t    = lambda * p~_{t-1}    + (1 - lambda) * mean_b q_b                     # (C,)
+        h~_t    = lambda * h~_{t-1}    + (1 - lambda) * Hist_B(argmax_c q_b(c))       # (C,), sums to 1
+
+    starting from ``tau_0 = 1 / C``, ``p~_0 = h~_0 = 1 / C``. The class-wise thresholds are
+    ``tau_t(c) = MaxNorm(p~_t)(c) * tau_t = p~_t(c) / max_c' p~_t(c') * tau_t`` and
+    :meth:`mask` is ``1[max_c q(c) >= tau_t(argmax_c q(c))]``. As in the reference implementation
+    (USB), the trainer calls ``update`` with the current batch before ``mask``.
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu"):
+        self.num_classes = int(num_classes)
+        self.momentum = float(momentum)
+        self.tau = torch.tensor(1.0 / num_classes, device=device)  # () global threshold
+        self.p_model = torch.full((num_classes,), 1.0 / num_classes, device=device)  # (C,)
+        self.label_hist = torch.full((num_classes,), 1.0 / num_classes, device=device)  # (C,)
+
+    @torch.no_grad()
+    def update(self, probs_weak: torch.Tensor) -> None:
+        """EMA update from the weak-view probabilities ``(B, C)`` of an unlabeled batch."""
+        m = self.momentum
+        max_probs, max_idx = probs_weak.float().max(dim=1)  # (B,), (B,)
+        self.tau = m * self.tau + (1.0 - m) * max_probs.mean()
+        self.p_model = m * self.p_model + (1.0 - m) * probs_weak.float().mean(dim=0)
+        hist = torch.bincount(max_idx, minlength=self.num_classes).to(self.label_hist.dtype)
+        self.label_hist = m * self.label_hist + (1.0 - m) * hist / hist.sum()
+
+    def class_thresholds(self) -> torch.Tensor:
+        """``tau_t(c) = p~_t(c) / max p~_t * tau_t``, shape ``(C,)``."""
+        return self.p_model / self.p_model.max() * self.tau
+
+    @torch.no_grad()
+    def mask(self, probs: torch.Tensor) -> torch.Tensor:
+        """``1[max_c q(c) >= tau_t(argmax_c q(c))]`` as float ``(B,)``."""
+        max_probs, max_idx = probs.float().max(dim=1)
+        return (max_probs >= self.class_thresholds()[max_idx]).to(probs.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "tau": self.tau.clone(),
+            "p_model": self.p_model.clone(),
+            "label_hist": self.label_hist.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.p_model.device
+        self.tau = state["tau"].to(dev)
+        self.p_model = state["p_model"].to(dev)
+        self.label_hist = state["label_hist"].to(dev)
+
+
+def _inv_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, 1.0 / x.clamp_min(1e-12), torch.zeros_like(x))
+
+
+def freematch_fairness_loss(
+    logits_strong: torch.Tensor, mask: torch.Tensor, p_model: torch.Tensor, label_hist: torch.Tensor
+) -> torch.Tensor:
+    """FreeMatch's self-adaptive fairness loss ``L_f`` (Wang et al. 2023, Eq. 11).
+
+    Over the masked strong-view predictions ``p_b = softmax(f(A(u_b)))`` with mean ``p-`` and
+    histogram ``h-`` of their argmax::
+
+        L_f = -H(SumNorm(p~_t / h~_t), SumNorm(p- / h-)) = sum_c SumNorm(p~/h~)(c) log SumNorm(p-/h-)(c)
+
+    where ``H`` is the cross-entropy and ``1/0`` is taken as 0. Returns 0 when nothing is masked.
+    """
+    sel = mask > 0
+    if not bool(sel.any()):
+        return logits_strong.new_zeros(())
+    probs = logits_strong[sel].float().softmax(dim=1)  # (M, C)
+    hist = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1]).to(probs.dtype)
+    hist = hist / hist.sum()  # (C,)
+    target = p_model * _inv_or_zero(label_hist)
+    target = target / target.sum()
+    mean_prob = probs.mean(dim=0) * _inv_or_zero(hist).detach()
+    mean_prob = mean_prob / mean_prob.sum()
+    return (target.detach() * torch.log(mean_prob + 1e-12)).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Data plumbing
+# --------------------------------------------------------------------------------------------
+
+
+class _ImageStore:
+    """uint8 images at ``idx`` of ``dataset``, addressed by position ``0 .. len(idx) - 1``.
+
+    In-memory data (and folder data up to 8 GiB, read once) is held as one tensor, on the GPU
+    when it fits in 2 GiB; larger folder datasets are read per batch.
+    """
+
+    def __init__(self, dataset: ImageDataset, idx: np.ndarray, device: torch.device, num_workers: int = 0):
+        self.dataset = dataset
+        self.idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        self.device = device
+        nbytes = len(self.idx) * dataset.channels * dataset.image_size**2
+        self.images: Optional[torch.Tensor] = None
+        if dataset.in_memory or nbytes <= _MAX_MATERIALISE_BYTES:
+            if dataset.in_memory:
+                images = dataset.get_batch(self.idx)
+            else:
+                images = torch.cat(
+                    [b for b, _, _ in iterate_batches(dataset, self.idx, 256, num_workers=num_workers)]
+                )
+            on_device = device.type != "cpu" and nbytes <= _MAX_DEVICE_STORE_BYTES
+            self.images = images.to(device) if on_device else images
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def get(self, pos: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` on ``device`` for positions ``pos`` (CPU long tensor)."""
+        if self.images is not None:
+            out = self.images[pos.to(self.images.device)]
+        else:
+            out = self.dataset.get_batch(self.idx[pos])
+        return out.to(self.device, non_blocking=True)
+
+
+class _EpochSampler:
+    """Positions ``0 .. n - 1`` in random epochs without replacement; state = (perm, pos)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.perm = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        parts, need = [], k
+        while need > 0:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(self.n, generator=gen), 0
+            take = self.perm[self.pos : self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        return torch.cat(parts)  # (k,)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+
+
+# --------------------------------------------------------------------------------------------
+# Inference helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module,
+    dataset: ImageDataset,
+    indices: Optional[np.ndarray | torch.Tensor] = None,
+    batch_size: int = 512,
+    device: Optional[torch.device] = None,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """Softmax probabilities ``(N, num_classes)`` float32 on CPU for ``dataset[indices]`` (all if None).
+
+    The model takes float images in ``[0, 1]`` (the registry contract); it is put in eval mode.
+    ``device`` defaults to the model's.
+    """
+    device = device or _model_device(model)
+    model.eval()
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    out = []
+    for images, _, _ in iterate_batches(dataset, idx, batch_size, num_workers=num_workers):
+        x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W) in [0, 1]
+        out.append(model(x).float().softmax(dim=1).cpu())
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)
+
+
+def evaluate_top1(
+    model: nn.Module,
+    dataset: ImageDataset,
+    indices: Optional[np.ndarray | torch.Tensor] = None,
+    batch_size: int = 512,
+    device: Optional[torch.device] = None,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``dataset[indices]`` (all if None); labels must be known."""
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    labels = dataset.labels[torch.as_tensor(idx, dtype=torch.long)]
+    if (labels < 0).any():
+        raise DataError("evaluate_top1 needs labels for every evaluated image (found -1)")
+    probs = predict_proba(model, dataset, idx, batch_size, device, num_workers)
+    return float((probs.argmax(dim=1) == labels).double().mean() * 100.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+# running sums kept between history rows: (loss, loss_x, loss_u, loss_f, mask, pl_correct, pl_known, steps)
+_N_ACC = 8
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights (ndim >= 2) only, not on BN parameters or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(cfg: ClassifierConfig, k: int) -> float:
+    """FixMatch's cosine decay ``lr * cos(7 pi k / (16 K))`` (or constant)."""
+    if not cfg.cosine_schedule:
+        return cfg.lr
+    return cfg.lr * math.cos(7.0 * math.pi * k / (16.0 * cfg.steps))
+
+
+def _array_digest(a: Optional[np.ndarray]) -> Optional[str]:
+    if a is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()[:16]
+
+
+def _fingerprint(cfg: ClassifierConfig, data: ClassifierData, seed: int) -> str:
+    """What must match for a checkpoint to be resumed (not eval/checkpoint frequency)."""
+    keys = (
+        "learner backbone steps batch_size uratio lr momentum weight_decay nesterov cosine_schedule "
+        "ema_decay threshold lambda_u lambda_ent tau_ema hflip"
+    ).split()
+    c = asdict(cfg)
+    return stable_hash(
+        {
+            "cfg": {k: c[k] for k in keys},
+            "seed": seed,
+            "num_classes": data.num_classes,
+            "shape": [data.labeled.channels, data.labeled.image_size],
+            "labeled_idx": _array_digest(data.labeled_idx),
+            "labeled_y": _array_digest(
+                data.labeled.labels[torch.as_tensor(np.asarray(data.labeled_idx))].numpy()
+            ),
+            "labeled_weight": _array_digest(data.labeled_weight),
+            "unlabeled_idx": _array_digest(data.unlabeled_idx),
+            "unlabeled_len": None if data.unlabeled is None else len(data.unlabeled),
+        }
+    )
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    from dpt_engine.kernels import ema_update_
+
+    ema_update_(list(ema.parameters()), [p.detach() for p in model.parameters()], decay)
+    with torch.no_grad():
+        for eb, mb in zip(ema.buffers(), model.buffers()):
+            eb.copy_(mb)
+
+
+def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_i w_i CE_i / sum_i w_i`` (plain mean when ``w`` is None)."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
+    if w is None:
+        return ce.mean()
+    return (ce * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def fit_classifier(
+    cfg: ClassifierConfig,
+    data: ClassifierData,
+    work_dir: Path,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+) -> FitResult:
+    """Train a classifier with ``cfg.learner``; resume from ``work_dir/checkpoint.pt`` if present.
+
+    Writes ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps and at the end), ``model.pt``
+    (EMA state dict) and ``history.json`` into ``work_dir``. Returns the EMA model in eval mode.
+    Raises ``ValueError`` if an existing checkpoint was written by a different configuration.
+    """
+    if cfg.learner == "linear-probe":
+        from .linear_probe import fit_linear_probe
+
+        return fit_linear_probe(cfg, data, work_dir, device, seed, progress=progress)
+    if cfg.learner not in ("fixmatch", "freematch", "supervised"):
+        raise ValueError(
+            f"unknown learner {cfg.learner!r}; valid: freematch, fixmatch, supervised, linear-probe"
+        )
+    cfg.validate()
+    semi = cfg.learner != "supervised"
+    data.validate(semi)
+    device = torch.device(device)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work_dir / "checkpoint.pt"
+    interrupt_at = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
+    fingerprint = _fingerprint(cfg, data, seed)
+
+    # ---- data
+    store_l = _ImageStore(data.labeled, data.labeled_idx, device)
+    labels_l = data.labeled.labels[store_l.idx].to(device)  # (n_l,)
+    weights_l = (
+        None if data.labeled_weight is None else torch.as_tensor(data.labeled_weight, dtype=torch.float32)
+    )
+    weights_l = None if weights_l is None else weights_l.to(device)
+    store_u = _ImageStore(data.unlabeled, data.unlabeled_idx, device) if semi else None
+    labels_u = data.unlabeled.labels[store_u.idx].to(device) if store_u is not None else None
+    sampler_l = _EpochSampler(len(store_l))
+    sampler_u = _EpochSampler(len(store_u)) if store_u is not None else None
+
+    # ---- model, EMA, optimiser, RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_classifier(
+            cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
+        )
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    optimizer = torch.optim.SGD(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov
+    )
+    thresholds = FreeMatchThresholds(data.num_classes, cfg.tau_ema, device)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    acc = torch.zeros(_N_ACC, dtype=torch.float64, device=device)
+    start, elapsed = 0, 0.0
+
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("version") != _CKPT_VERSION or ck.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{ckpt_path} was written by a different configuration or data (fingerprint "
+                f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
+            )
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        thresholds.load_state_dict(ck["thresholds"])
+        sampler_l.load_state_dict(ck["sampler_l"])
+        if sampler_u is not None:
+            sampler_u.load_state_dict(ck["sampler_u"])
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        history = list(ck["history"])
+        acc = ck["acc"].to(device)
+        start, elapsed = int(ck["step"]), float(ck["elapsed"])
+
+    def save_checkpoint(step: int) -> None:
+        atomic_torch_save(
+            ckpt_path,
+            {
+                "version": _CKPT_VERSION,
+                "fingerprint": fingerprint,
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "thresholds": thresholds.state_dict(),
+                "sampler_l": sampler_l.state_dict(),
+                "sampler_u": None if sampler_u is None else sampler_u.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history,
+                "acc": acc.cpu(),
+                "elapsed": elapsed,
+            },
+        )
+
+    log_every = max(1, min(cfg.eval_every, 25))
+    amp = device.type == "cuda"
+    b_l, b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
+    pbar = _progress_bar(progress, cfg.steps, start, cfg.learner)
+    last_top1: Optional[float] = None
+    t0 = time.perf_counter()
+    model.train()
+    for k in range(start, cfg.steps):
+        step = k + 1
+        lr = _lr_at(cfg, k)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        # ---- batch: sampling and augmentation, all from `gen`
+        pos_l = sampler_l.next(b_l, gen)  # (B_l,)
+        x_l = weak(to_float(store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
+        y_l = labels_l[pos_l.to(device)]
+        w_l = None if weights_l is None else weights_l[pos_l.to(device)]
+        if semi:
+            pos_u = sampler_u.next(b_u, gen)  # (B_u,)
+            u = to_float(store_u.get(pos_u))
+            x = torch.cat([x_l, weak(u, gen, cfg.hflip), strong(u, gen, cfg.hflip)])  # (B_l + 2 B_u, C, H, W)
+        else:
+            x = x_l
+
+        # ---- losses
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+        loss_x = _weighted_ce(logits[:b_l], y_l, w_l)
+        zero = loss_x.new_zeros(())
+        loss_u = loss_f = mask_rate = pl_correct = pl_known = zero
+        loss = loss_x
+        if semi:
+            logits_uw, logits_us = logits[b_l:].chunk(2)  # (B_u, C) each
+            probs_w = logits_uw.detach().softmax(dim=1)
+            pseudo = probs_w.argmax(dim=1)
+            if cfg.learner == "fixmatch":
+                mask = fixmatch_mask(probs_w, cfg.threshold)
+            else:
+                thresholds.update(probs_w)
+                mask = thresholds.mask(probs_w)
+                loss_f = freematch_fairness_loss(logits_us, mask, thresholds.p_model, thresholds.label_hist)
+            loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
+            loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_ent * loss_f
+            y_u = labels_u[pos_u.to(device)]
+            known = (y_u >= 0).to(mask.dtype) * mask
+            mask_rate, pl_known = mask.mean(), known.sum()
+            pl_correct = ((pseudo == y_u).to(mask.dtype) * known).sum()
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _ema_update(ema, model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+
+        acc += (
+            torch.stack(
+                [loss, loss_x, loss_u, loss_f, mask_rate, pl_correct, pl_known, torch.ones_like(loss)]
+            )
+            .detach()
+            .double()
+        )
+
+        # ---- log, evaluate, checkpoint
+        is_eval = step % cfg.eval_every == 0 or step == cfg.steps
+        if step % log_every == 0 or is_eval:
+            now = time.perf_counter()
+            elapsed, t0 = elapsed + (now - t0), now
+            row = _history_row(step, acc.tolist(), lr, elapsed, cfg.learner)
+            acc.zero_()
+            if is_eval and data.test is not None:
+                row["test_top1"] = last_top1 = evaluate_top1(ema, data.test, device=device)
+            history.append(row)
+            pbar.set_postfix(_postfix(row, last_top1), refresh=False)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(step)
+            if step == interrupt_at:
+                pbar.close()
+                raise KeyboardInterrupt(
+                    f"{INTERRUPT_ENV}={interrupt_at}: simulated kill after checkpoint {step}"
+                )
+        pbar.update(1)
+    pbar.close()
+
+    ema.eval()
+    test_top1 = None
+    if data.test is not None:
+        test_top1 = history[-1].get("test_top1") if history and start < cfg.steps else None
+        if test_top1 is None:
+            test_top1 = evaluate_top1(ema, data.test, device=device)
+    atomic_torch_save(work_dir / "model.pt", ema.state_dict())
+    atomic_write_json(work_dir / "history.json", history)
+    return FitResult(model=ema, history=history, test_top1=test_top1, resumed_from=start)
+
+
+def _history_row(step: int, sums: list[float], lr: float, elapsed: float, learner: str) -> dict:
+    loss, loss_x, loss_u, loss_f, mask, pl_correct, pl_known, n = sums
+    n = max(n, 1.0)
+    row = {
+        "step": step,
+        "loss": loss / n,
+        "loss_x": loss_x / n,
+        "loss_u": loss_u / n,
+        "mask_rate": mask / n,
+        "lr": lr,
+        "time": elapsed,
+    }
+    if learner == "freematch":
+        row["loss_f"] = loss_f / n
+    if pl_known > 0:
+        row["pseudo_acc"] = pl_correct / pl_known  # accuracy of the masked pseudo-labels with known truth
+    return row
+
+
+def _postfix(row: dict, top1: Optional[float]) -> dict[str, str]:
+    out = {"loss": f"{row['loss']:.3f}", "mask": f"{row['mask_rate']:.2f}"}
+    if top1 is not None:
+        out["acc"] = f"{top1:.1f}"
+    return out
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,157 @@
+"""Stage bookkeeping shared by every stage: run directories, fingerprints, skip/resume.
+
+A stage's directory holds ``fingerprint.json`` (written when the stage starts) and
+``done.json`` (written atomically when it finishes, last). ``dpt run`` skips a stage whose
+``done.json`` carries the fingerprint of the current config; a stage started under another
+config is moved aside to ``<stage>.stale-<fingerprint>`` (never deleted) before it restarts.
+Inside a stage, training writes checkpoints so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config.schema import PipelineConfig
+from ..utils.io import atomic_write_json, read_json, stable_hash
+
+log = logging.getLogger("dpt_engine")
+
+__all__ = [
+    "StageContext",
+    "StageResult",
+    "environment_info",
+    "resolve_device",
+    "run_stage",
+    "stage_done",
+    "upstream_fingerprint",
+]
+
+
+@dataclass
+class StageContext:
+    cfg: PipelineConfig
+    out: Path
+    device: torch.device
+    progress: bool = True
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+
+@dataclass
+class StageResult:
+    name: str
+    summary: dict[str, Any]
+    skipped: bool
+    wall_time_s: float
+    fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={spec} but no CUDA GPU is available; use run.device=cpu or auto")
+    return dev
+
+
+def stage_done(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    done = stage_dir / "done.json"
+    if not done.is_file():
+        return None
+    try:
+        record = read_json(done)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def _set_aside(stage_dir: Path, fingerprint: str) -> None:
+    """Move a stage directory started under another config out of the way (kept, not deleted)."""
+    fp_file = stage_dir / "fingerprint.json"
+    if not stage_dir.exists():
+        return
+    old = read_json(fp_file).get("fingerprint", "unknown") if fp_file.is_file() else "unknown"
+    if old == fingerprint:
+        return
+    if not any(stage_dir.iterdir()):
+        return
+    target = stage_dir.with_name(f"{stage_dir.name}.stale-{old}")
+    n = 1
+    while target.exists():
+        target = stage_dir.with_name(f"{stage_dir.name}.stale-{old}-{n}")
+        n += 1
+    log.warning(
+        "%s: config changed since it was started; moving the old artifacts to %s", stage_dir.name, target
+    )
+    os.replace(stage_dir, target)
+
+
+def run_stage(
+    ctx: StageContext,
+    name: str,
+    fingerprint_inputs: dict[str, Any],
+    body: Callable[[Path], dict[str, Any]],
+) -> StageResult:
+    """Run ``body(stage_dir) -> summary`` unless a finished run with the same inputs exists."""
+    fingerprint = stable_hash(fingerprint_inputs)
+    stage_dir = ctx.stage_dir(name)
+    record = stage_done(stage_dir, fingerprint)
+    if record is not None:
+        log.info("%s: up to date (fingerprint %s), skipping", name, fingerprint)
+        return StageResult(name, record["summary"], True, float(record.get("wall_time_s", 0.0)), fingerprint)
+    _set_aside(stage_dir, fingerprint)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "done.json").unlink(missing_ok=True)
+    atomic_write_json(
+        stage_dir / "fingerprint.json", {"fingerprint": fingerprint, "inputs": fingerprint_inputs}
+    )
+    log.info("%s: running in %s", name, stage_dir)
+    t0 = time.perf_counter()
+    summary = body(stage_dir)
+    wall = time.perf_counter() - t0
+    atomic_write_json(
+        stage_dir / "done.json",
+        {
+            "fingerprint": fingerprint,
+            "wall_time_s": wall,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": summary,
+        },
+    )
+    log.info("%s: done in %.1f s", name, wall)
+    return StageResult(name, summary, False, wall, fingerprint)
+
+
+def upstream_fingerprint(ctx: StageContext, name: str) -> str | None:
+    """The fingerprint of a finished upstream stage (None if it has not finished)."""
+    done = ctx.stage_dir(name) / "done.json"
+    try:
+        return read_json(done).get("fingerprint") if done.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

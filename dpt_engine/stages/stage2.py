@@ -1,0 +1,294 @@
+"""Stage 2: train the class-conditional U-ViT on the pseudo-labels, then generate pseudo images.
+
+Two pipeline steps share this module:
+- ``stage2`` trains the diffusion model (``stage2/model.pt``: EMA weights; ``checkpoint.pt``
+  while training; ``history.json``) on every training image with its stage-1 pseudo-label
+  (or, for comparisons, the true label or no label), optionally keeping only confident
+  pseudo-labels or weighting images by confidence;
+- ``sample`` generates ``sample.images_per_class`` images per class with DPM-Solver++ and
+  batched classifier-free guidance into ``sample/samples/`` (ImageFolder tree + manifest),
+  draws ``sample/sample_grid.png`` (one row per class) and computes FID/KID against the real
+  training images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config.base import to_dict
+from ..data import DatasetSplits
+from ..diffusion.dpm_solver import DPMSolverPP
+from ..diffusion.guidance import cfg_eps_fn
+from ..diffusion.noise import initial_noise
+from ..diffusion.schedules import make_schedule
+from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
+from ..generation import ImageFolderWriter, clip_denoised_fn, generate, save_grid, to_uint8
+from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
+from ..models.uvit import create_uvit
+from ..utils.io import atomic_torch_save, atomic_write_json
+from .common import StageContext, StageResult, run_stage
+
+log = logging.getLogger("dpt_engine")
+
+__all__ = [
+    "build_uvit",
+    "encode_dataset",
+    "load_diffusion_model",
+    "load_stage2_autoencoder",
+    "run_sample",
+    "run_stage2",
+]
+
+
+def load_stage2_autoencoder(ctx: StageContext, splits: DatasetSplits) -> BaseAutoencoder:
+    """The autoencoder of ``stage2.autoencoder`` (identity = pixel space), checked against the data."""
+    spec = ctx.cfg.stage2.autoencoder
+    ae = IdentityAutoencoder() if spec is None else load_autoencoder(spec)
+    if spec is not None:
+        ae = ae.to(ctx.device).eval()
+        probe = torch.zeros(1, splits.channels, splits.image_size, splits.image_size, device=ctx.device)
+        try:
+            with torch.no_grad():
+                out = ae.decode(ae.encode(probe, sample=False))
+        except RuntimeError as e:
+            raise ValueError(
+                f"stage2.autoencoder={spec} does not accept {splits.channels}-channel "
+                f"{splits.image_size}px images: {e}"
+            ) from None
+        if tuple(out.shape[1:]) != tuple(probe.shape[1:]):
+            raise ValueError(
+                f"stage2.autoencoder={spec} maps {tuple(probe.shape[1:])} images to {tuple(out.shape[1:])}; "
+                "it must reproduce the dataset's channels and size"
+            )
+    return ae
+
+
+def build_uvit(ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None) -> torch.nn.Module:
+    """The stage-2 U-ViT for the data's (latent) shape and class count."""
+    cfg = ctx.cfg.stage2
+    ae = ae if ae is not None else load_stage2_autoencoder(ctx, splits)
+    c, h, _ = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
+    num_classes = 0 if cfg.label_source == "none" else splits.num_classes
+    return create_uvit(cfg.model, img_size=h, in_chans=c, num_classes=num_classes)
+
+
+@torch.no_grad()
+def encode_dataset(
+    ae: BaseAutoencoder, images: torch.Tensor, batch_size: int, device: torch.device, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) -> scaled posterior mean and std (N, c, h, w) each, on the CPU."""
+    means, stds = [], []
+    for s in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress):
+        x = to_model_space(images[s : s + batch_size]).to(device)
+        mean, logvar = ae.encode_moments(x)
+        means.append(((mean - ae.shift_factor) * ae.scale_factor).float().cpu())
+        stds.append((torch.exp(0.5 * logvar) * ae.scale_factor).float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _training_labels(
+    ctx: StageContext, splits: DatasetSplits
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Labels and per-image weights for stage 2, plus a description of the choice."""
+    cfg = ctx.cfg.stage2
+    n = len(splits.train)
+    if cfg.label_source == "true":
+        labels = splits.train.labels.clone()
+        if (labels < 0).any():
+            raise ValueError("stage2.label_source=true but the training set has unknown labels")
+        return labels, None, {"label_source": "true"}
+    if cfg.label_source == "none":
+        return torch.zeros(n, dtype=torch.long), None, {"label_source": "none"}
+    pl_path = ctx.stage_dir("stage1") / "pseudo_labels.npz"
+    if not pl_path.is_file():
+        raise FileNotFoundError(f"stage2 needs stage 1's pseudo-labels at {pl_path}: run dpt stage1 first")
+    pl = np.load(pl_path)
+    labels = torch.from_numpy(pl["label"].astype(np.int64))
+    conf = torch.from_numpy(pl["confidence"].astype(np.float32))
+    if len(labels) != n:
+        raise ValueError(f"{pl_path} has {len(labels)} labels for {n} training images: re-run stage 1")
+    weight = conf.clone() if cfg.confidence_weighting else None
+    info: dict[str, Any] = {"label_source": "pseudo", "confidence_weighting": cfg.confidence_weighting}
+    if cfg.confidence_threshold is not None:
+        keep = conf >= cfg.confidence_threshold
+        info["kept_by_threshold"] = int(keep.sum())
+        weight = (weight if weight is not None else torch.ones(n)) * keep.float()
+    return labels, weight, info
+
+
+def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
+    cfg = ctx.cfg.stage2
+    d = to_dict(cfg)
+    for k in ("log_every", "checkpoint_every"):
+        d.pop(k)
+    fingerprint = {"data": to_dict(ctx.cfg.data), "stage2": d, "stage1": upstream, "seed": ctx.cfg.run.seed}
+
+    def body(stage_dir: Path) -> dict[str, Any]:
+        labels, weight, info = _training_labels(ctx, splits)
+        if weight is not None and float(weight.sum()) == 0:
+            raise ValueError("stage2: no training image passes stage2.confidence_threshold; lower it")
+        images = splits.train.get_batch(torch.arange(len(splits.train)))  # (N, C, H, W) uint8
+        ae = load_stage2_autoencoder(ctx, splits)
+        x_std = None
+        if cfg.autoencoder is None:
+            x = to_model_space(images)
+        else:
+            # encode every image (and its flip, as DPT does) once; cached for resumes
+            cache = stage_dir / "latents.pt"
+            if cache.is_file():
+                lat = torch.load(cache, map_location="cpu", weights_only=True)
+            else:
+                src = torch.cat([images, images.flip(-1)]) if cfg.hflip else images
+                mean, std = encode_dataset(ae, src, 64, ctx.device, ctx.progress)
+                lat = {"mean": mean, "std": std}
+                atomic_torch_save(cache, lat)
+            x, x_std = lat["mean"], lat["std"]
+            if cfg.hflip:
+                labels = torch.cat([labels, labels])
+                weight = torch.cat([weight, weight]) if weight is not None else None
+            info["latent_shape"] = list(x.shape[1:])
+        net = build_uvit(ctx, splits, ae)
+        n_params = sum(p.numel() for p in net.parameters())
+        log.info(
+            "stage2: %s (%.2fM params) on %d images, labels: %s", cfg.model, n_params / 1e6, len(x), info
+        )
+        data = DiffusionData(
+            x=x,
+            y=labels,
+            weight=weight,
+            num_classes=0 if cfg.label_source == "none" else splits.num_classes,
+            x_std=x_std,
+        )
+        fit = fit_diffusion(net, cfg, data, stage_dir, ctx.device, ctx.cfg.run.seed, progress=ctx.progress)
+        atomic_write_json(stage_dir / "history.json", fit.history)
+        summary = {
+            "model": cfg.model,
+            "params": n_params,
+            "final_loss": fit.history[-1]["loss"] if fit.history else None,
+            "resumed_from_step": fit.resumed_from,
+            **info,
+        }
+        atomic_write_json(stage_dir / "summary.json", summary)
+        return summary
+
+    return run_stage(ctx, "stage2", fingerprint, body)
+
+
+def load_diffusion_model(
+    ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
+) -> torch.nn.Module:
+    net = build_uvit(ctx, splits, ae)
+    state = torch.load(ctx.stage_dir("stage2") / "model.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict(state["ema"])
+    return net.to(ctx.device).eval()
+
+
+def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
+    scfg = ctx.cfg.sample
+    d = to_dict(scfg)
+    d.pop("batch_size")  # output does not depend on it beyond float rounding
+    fingerprint = {"sample": d, "stage2": upstream}
+
+    def body(stage_dir: Path) -> dict[str, Any]:
+        ae = load_stage2_autoencoder(ctx, splits)
+        net = load_diffusion_model(ctx, splits, ae)
+        conditional = ctx.cfg.stage2.label_source != "none"
+        num_classes = splits.num_classes
+        schedule = make_schedule(ctx.cfg.stage2.schedule)
+        solver = DPMSolverPP(
+            schedule, steps=scfg.steps, order=scfg.order, method=scfg.method, skip_type=scfg.skip_type
+        )
+        shape = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
+
+        def sample_batch(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            x_t = initial_noise(scfg.seed, c, i, shape, dtype=torch.float32, device=ctx.device)
+            if conditional:
+                fn = cfg_eps_fn(net, c.to(ctx.device), scfg.guidance_scale, num_classes, schedule)
+            else:
+                fn = cfg_eps_fn(net, None, 0.0, None, schedule)
+            if scfg.clip_denoised and ctx.cfg.stage2.autoencoder is None:
+                fn = clip_denoised_fn(fn, schedule)
+            return to_uint8(ae.decode(solver.sample(fn, x_t))).cpu()
+
+        root = ctx.stage_dir("sample") / "samples"
+        writer = ImageFolderWriter(root, splits.classes)
+        kept: list = []
+        stats = generate(
+            sample_batch,
+            writer,
+            num_classes,
+            scfg.images_per_class,
+            scfg.batch_size,
+            progress=ctx.progress,
+            keep=kept,
+        )
+        images, classes = _collect(kept, root, splits)
+        grid = ctx.stage_dir("sample") / "sample_grid.png"
+        save_grid(
+            images,
+            classes,
+            num_classes,
+            min(scfg.grid_per_class, scfg.images_per_class),
+            grid,
+            class_names=splits.classes,
+        )
+        summary: dict[str, Any] = {
+            "num_images": num_classes * scfg.images_per_class,
+            "images_per_class": scfg.images_per_class,
+            "steps": scfg.steps,
+            "order": scfg.order,
+            "guidance_scale": scfg.guidance_scale,
+            **stats,
+        }
+        if scfg.fid:
+            summary.update(_fid(ctx, splits, images))
+        writer.close({"fingerprint": fingerprint, **summary, "classes": splits.classes})
+        atomic_write_json(stage_dir / "summary.json", summary)
+        return summary
+
+    return run_stage(ctx, "sample", fingerprint, body)
+
+
+def _collect(kept: list, root: Path, splits: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor]:
+    """All generated images (from memory, plus files written by an earlier, interrupted run)."""
+    from ..data import FolderImageDataset
+
+    ds = FolderImageDataset.from_tree(
+        root, classes=splits.classes, channels=splits.channels, image_size=splits.image_size
+    )
+    if kept and len(ds) == sum(len(k[1]) for k in kept):
+        return torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept])
+    return ds.get_batch(torch.arange(len(ds))), ds.labels.clone()
+
+
+def _fid(ctx: StageContext, splits: DatasetSplits, generated: torch.Tensor) -> dict[str, Any]:
+    from ..eval.fid import compute_metrics
+
+    scfg = ctx.cfg.sample
+    g = torch.Generator().manual_seed(0)
+    n_gen = min(scfg.fid_num_images, len(generated))
+    n_real = min(scfg.fid_num_images, len(splits.train))
+    gen_idx = torch.randperm(len(generated), generator=g)[:n_gen]
+    real_idx = torch.randperm(len(splits.train), generator=g)[:n_real]
+    log.info("sample: FID/KID of %d generated vs %d real training images", n_gen, n_real)
+    m = compute_metrics(
+        generated[gen_idx],
+        splits.train.get_batch(real_idx),
+        fid=True,
+        kid=True,
+        weights=scfg.fid_weights,
+        device=str(ctx.device),
+    )
+    return {
+        "fid": m.get("fid"),
+        "kid": m.get("kid_mean"),
+        "kid_std": m.get("kid_std"),
+        "fid_num_generated": n_gen,
+        "fid_num_real": n_real,
+    }

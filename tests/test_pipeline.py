@@ -1,0 +1,173 @@
+"""The pipeline runner end to end on real data (digits), with tiny step counts.
+
+Covers: artifacts and report keys, skipping an up-to-date stage, resuming an interrupted stage
+bit-identically, stage 3 on a folder of images, and bad input failing cleanly without touching
+what an earlier run wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpt_engine.cli import main as cli_main
+from dpt_engine.config.presets import resolve_config
+from dpt_engine.data import DataError, build_splits
+from dpt_engine.data.imagefolder import safe_class_dirname
+from dpt_engine.pipeline import run_pipeline, setup_run
+from dpt_engine.stages.stage1 import run_stage1
+from dpt_engine.stages.stage3 import run_stage3
+
+FAST = [
+    "stage1.steps=24",
+    "stage1.batch_size=8",
+    "stage1.uratio=2",
+    "stage1.eval_every=12",
+    "stage1.checkpoint_every=8",
+    "stage3.steps=12",
+    "stage3.batch_size=8",
+    "stage3.uratio=2",
+    "stage3.eval_every=12",
+    "stage3.checkpoint_every=6",
+    "run.threads=1",
+]
+S1 = ("stage1",)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_pseudo_folder(root: Path, splits, per_class: int = 5) -> None:
+    """Real held-in training images written as an ImageFolder tree (stands in for stage 2 output)."""
+    from PIL import Image
+
+    labels = splits.train.labels.numpy()
+    for c, name in enumerate(splits.classes):
+        d = root / safe_class_dirname(name)
+        d.mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            Image.fromarray(splits.train[int(i)][0][0].numpy()).save(d / f"{c:04d}_{j:06d}.png")
+
+
+def test_stage1_artifacts_and_skip(tmp_path):
+    cfg = resolve_config("digits", overrides=FAST)
+    out = tmp_path / "run"
+    report = run_pipeline(cfg, out, stages=S1, progress=False)
+    for f in (
+        "config.yaml",
+        "report.json",
+        "report.md",
+        "log.txt",
+        "stage1/done.json",
+        "stage1/model.pt",
+        "stage1/pseudo_labels.npz",
+        "stage1/pseudo_labels.tsv",
+        "stage1/labeled.txt",
+    ):
+        assert (out / f).is_file(), f
+    r = json.loads((out / "report.json").read_text())
+    assert r["metrics"]["stage1.top1"] == report["stage1"]["top1"]
+    assert 10.0 < r["stage1"]["top1"] <= 100.0
+    assert r["pseudo_labels"]["accuracy"] is not None
+    pl = np.load(out / "stage1" / "pseudo_labels.npz")
+    assert len(pl["label"]) == 1297 and pl["labeled"].sum() == 40
+    assert sum(r["pseudo_labels"]["per_class_count"].values()) == 1297
+    assert (out / "plots" / "stage1_curves.png").is_file()
+    # second run: stage 1 is up to date and skipped; artifacts untouched
+    before = _digest(out / "stage1" / "model.pt")
+    again = run_pipeline(cfg, out, stages=S1, progress=False)
+    assert again["skipped"]["stage1"] is True
+    assert _digest(out / "stage1" / "model.pt") == before
+
+
+def test_interrupted_stage_resumes_exactly(tmp_path, monkeypatch):
+    cfg = resolve_config("digits", overrides=FAST)
+    ref_out = tmp_path / "ref"
+    ctx = setup_run(cfg, ref_out, progress=False)
+    splits = build_splits(cfg.data)
+    ref = run_stage1(ctx, splits)
+
+    out = tmp_path / "killed"
+    ctx = setup_run(cfg, out, progress=False)
+    monkeypatch.setenv("DPT_TEST_INTERRUPT_AT_STEP", "16")
+    with pytest.raises(KeyboardInterrupt):
+        run_stage1(ctx, splits)
+    assert (out / "stage1" / "checkpoint.pt").is_file()
+    assert not (out / "stage1" / "done.json").exists()
+    monkeypatch.delenv("DPT_TEST_INTERRUPT_AT_STEP")
+    resumed = run_stage1(ctx, splits)
+    assert resumed.summary["resumed_from_step"] == 16
+    a = torch.load(ref_out / "stage1" / "model.pt", weights_only=True)
+    b = torch.load(out / "stage1" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.summary["top1"] == ref.summary["top1"]
+    pa = np.load(ref_out / "stage1" / "pseudo_labels.npz")
+    pb = np.load(out / "stage1" / "pseudo_labels.npz")
+    assert np.array_equal(pa["label"], pb["label"])
+
+
+def test_stage3_on_image_folder(tmp_path):
+    cfg = resolve_config("digits", overrides=[*FAST, f"stage3.pseudo_dir={tmp_path / 'pseudo'}"])
+    splits = build_splits(cfg.data)
+    _write_pseudo_folder(tmp_path / "pseudo", splits)
+    ctx = setup_run(cfg, tmp_path / "run", progress=False)
+    res = run_stage3(ctx, splits, stage1_top1=50.0)
+    assert res.summary["num_pseudo"] == 50
+    assert all(v == 5 for v in res.summary["pseudo_per_class"].values())
+    assert res.summary["top1"] is not None
+    assert res.summary["gain"] == pytest.approx(res.summary["top1"] - 50.0)
+
+
+def test_bad_input_fails_cleanly_and_keeps_artifacts(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = resolve_config("digits", overrides=FAST)
+    run_pipeline(cfg, out, stages=S1, progress=False)
+    snapshot = {p: _digest(p) for p in (out / "stage1").iterdir() if p.is_file()}
+
+    # k larger than a class
+    with pytest.raises(DataError, match="labels_per_class"):
+        run_pipeline(
+            resolve_config("digits", overrides=[*FAST, "data.labels_per_class=500"]),
+            out,
+            stages=S1,
+            progress=False,
+        )
+    # missing dataset path
+    with pytest.raises(DataError, match="/no/such/dir"):
+        run_pipeline(
+            resolve_config("cifar10", overrides=[*FAST, "data.root=/no/such/dir"]),
+            out,
+            stages=S1,
+            progress=False,
+        )
+    # a subset file naming an unknown class
+    bad = tmp_path / "subset.txt"
+    bad.write_text("n99999999_0001.JPEG\n")
+    rc = cli_main(
+        [
+            "run",
+            "--out",
+            str(out),
+            "--no-progress",
+            "data.labels_per_class=null",
+            f"data.subset_file={bad}",
+            *FAST,
+        ]
+    )
+    assert rc == 2
+    assert "error" in capsys.readouterr().err
+    # the CLI names an unknown key
+    assert cli_main(["run", "--out", str(out), "stage1.stepz=1"]) == 2
+    assert "stage1.stepz" in capsys.readouterr().err
+
+    after = {p: _digest(p) for p in (out / "stage1").iterdir() if p.is_file()}
+    assert after == snapshot
+    assert not any(p.name.startswith("stage1.stale") for p in out.iterdir())

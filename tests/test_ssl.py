@@ -1,0 +1,300 @@
+"""Semi-supervised learners: thresholds against hand-computed values, augmentation, training, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpt_engine.config.schema import ClassifierConfig
+from dpt_engine.data.base import ArrayImageDataset
+from dpt_engine.ssl import (
+    ClassifierData,
+    FreeMatchThresholds,
+    evaluate_top1,
+    fit_classifier,
+    fixmatch_mask,
+    freematch_fairness_loss,
+    predict_proba,
+    strong,
+    weak,
+)
+from dpt_engine.ssl.augment import STRONG_OPS, to_float
+from dpt_engine.ssl.trainer import INTERRUPT_ENV
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn digits as uint8 (N, 1, 8, 8): a stratified 1297 / 500 train / test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.round(d.images * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    itr, ite = train_test_split(np.arange(len(d.target)), test_size=500, stratify=d.target, random_state=0)
+    classes = [str(c) for c in range(10)]
+
+    def make(idx: np.ndarray, name: str) -> ArrayImageDataset:
+        return ArrayImageDataset(
+            torch.from_numpy(images[idx]), torch.from_numpy(d.target[idx]), classes, name
+        )
+
+    return make(itr, "train"), make(ite, "test")
+
+
+def _labeled_subset(labels: torch.Tensor, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in range(10)]))
+
+
+# ------------------------------------------------------------------------------------------------
+# thresholds and losses
+# ------------------------------------------------------------------------------------------------
+
+
+def test_freematch_thresholds_against_hand_computed_values():
+    th = FreeMatchThresholds(num_classes=3, momentum=0.9)
+    torch.testing.assert_close(th.tau, torch.tensor(1 / 3))
+    torch.testing.assert_close(th.p_model, torch.full((3,), 1 / 3))
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    th.update(probs)
+    # tau = 0.9/3 + 0.1 * mean(0.7, 0.6, 0.6, 0.5) = 0.36
+    torch.testing.assert_close(th.tau, torch.tensor(0.36))
+    # p~ = 0.9/3 + 0.1 * column means (0.375, 0.35, 0.275)
+    torch.testing.assert_close(th.p_model, torch.tensor([0.3375, 0.335, 0.3275]))
+    # pseudo-label histogram (2, 1, 1) / 4
+    torch.testing.assert_close(th.label_hist, torch.tensor([0.35, 0.325, 0.325]))
+    # tau(c) = p~(c) / max p~ * tau
+    torch.testing.assert_close(
+        th.class_thresholds(), torch.tensor([0.36, 0.335 / 0.3375 * 0.36, 0.3275 / 0.3375 * 0.36])
+    )
+    q = torch.tensor([[0.37, 0.33, 0.30], [0.30, 0.355, 0.345], [0.30, 0.30, 0.40], [0.34, 0.33, 0.33]])
+    # class 0 needs 0.36, class 1 0.3573, class 2 0.3493
+    assert th.mask(q).tolist() == [1.0, 0.0, 1.0, 0.0]
+    # a second update keeps compounding the EMA
+    th.update(torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(th.tau, torch.tensor(0.9 * 0.36 + 0.1))
+    torch.testing.assert_close(th.label_hist, torch.tensor([0.9 * 0.35, 0.9 * 0.325, 0.9 * 0.325 + 0.1]))
+
+
+def test_freematch_state_round_trip():
+    a = FreeMatchThresholds(4, 0.99)
+    a.update(torch.softmax(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), 1))
+    b = FreeMatchThresholds(4, 0.99)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+
+
+def test_fixmatch_mask():
+    probs = torch.tensor([[0.96, 0.02, 0.02], [0.94, 0.03, 0.03], [0.0, 0.0, 1.0]])
+    assert fixmatch_mask(probs, 0.95).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_freematch_fairness_loss_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    p_model = torch.tensor([0.5, 0.3, 0.2])
+    hist = torch.tensor([0.6, 0.4, 0.0])  # a zero bin: 1/0 is taken as 0
+    got = freematch_fairness_loss(logits, mask, p_model, hist)
+    p = logits[mask.bool()].softmax(1).double()
+    h_s = np.bincount(p.argmax(1).numpy(), minlength=3) / len(p)
+    inv = lambda v: np.where(v > 0, 1.0 / np.maximum(v, 1e-12), 0.0)  # noqa: E731
+    t = p_model.double().numpy() * inv(hist.double().numpy())
+    t /= t.sum()
+    m = p.mean(0).numpy() * inv(h_s)
+    m /= m.sum()
+    assert got.item() == pytest.approx(float((t * np.log(m + 1e-12)).sum()), rel=1e-5)
+    assert freematch_fairness_loss(logits, torch.zeros(6), p_model, hist).item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# augmentation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [weak, strong])
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (4, 3, 32, 32), (3, 3, 7, 9)])
+def test_augment_shape_range_determinism(fn, shape):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    a = fn(x, torch.Generator().manual_seed(0), hflip=True)
+    b = fn(x, torch.Generator().manual_seed(0), hflip=True)
+    c = fn(x, torch.Generator().manual_seed(1), hflip=True)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+
+
+def test_weak_is_a_reflect_padded_crop():
+    x = torch.rand(6, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = weak(x, torch.Generator().manual_seed(3), hflip=False)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # 12.5 % of 8 = 1 pixel
+    for i in range(len(x)):
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(y[i], c) for c in crops)
+
+
+def test_each_strong_op_runs_and_keeps_range():
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    for op in STRONG_OPS:
+        y = strong(x, torch.Generator().manual_seed(0), ops=(op,), cutout=False)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, op
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        strong(x, torch.Generator(), ops=("warp_drive",))
+
+
+def test_to_float_range():
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    torch.testing.assert_close(to_float(x), torch.tensor([0.0, 128 / 255, 1.0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+def _cfg(**kw) -> ClassifierConfig:
+    base = dict(
+        batch_size=16, uratio=3, lr=0.03, ema_decay=0.99, tau_ema=0.99, eval_every=50, checkpoint_every=50
+    )
+    base.update(kw)
+    return ClassifierConfig(**base)
+
+
+def test_freematch_learns_digits(digits, tmp_path):
+    train, test = digits
+    lab = _labeled_subset(train.labels, 4)
+    data = ClassifierData(train, lab, train, np.arange(len(train)), test, 10)
+    res = fit_classifier(
+        _cfg(learner="freematch", steps=150), data, tmp_path, torch.device("cpu"), seed=0, progress=False
+    )
+    assert res.resumed_from == 0
+    assert res.test_top1 is not None and res.test_top1 > 80.0, res.test_top1  # chance 10 %, typical 93-96
+    assert res.history[-1]["step"] == 150 and "test_top1" in res.history[-1]
+    assert {"loss", "loss_x", "loss_u", "mask_rate", "lr", "time", "loss_f"} <= set(res.history[-1])
+    assert not res.model.training
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "checkpoint.pt").exists()
+    sd = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in res.model.state_dict().items())
+    probs = predict_proba(res.model, test, np.arange(20))
+    assert probs.shape == (20, 10) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(20))
+    assert evaluate_top1(res.model, test) == pytest.approx(res.test_top1)
+
+
+def test_resume_is_bit_identical(digits, tmp_path, monkeypatch):
+    train, _ = digits
+    small = train.subset(np.arange(200))
+    lab = _labeled_subset(small.labels, 2)
+    data = ClassifierData(small, lab, small, np.arange(len(small)), None, 10)
+    cfg = _cfg(learner="freematch", steps=12, batch_size=8, uratio=2, eval_every=5, checkpoint_every=4)
+    device = torch.device("cpu")
+
+    ref = fit_classifier(cfg, data, tmp_path / "ref", device, seed=3, progress=False)
+
+    monkeypatch.setenv(INTERRUPT_ENV, "8")
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(cfg, data, tmp_path / "run", device, seed=3, progress=False)
+    assert not (tmp_path / "run" / "model.pt").exists()
+    monkeypatch.delenv(INTERRUPT_ENV)
+    res = fit_classifier(cfg, data, tmp_path / "run", device, seed=3, progress=False)
+
+    assert res.resumed_from == 8
+    ref_sd, res_sd = ref.model.state_dict(), res.model.state_dict()
+    assert ref_sd.keys() == res_sd.keys()
+    for k in ref_sd:
+        assert torch.equal(ref_sd[k], res_sd[k]), k
+
+    def strip(h):
+        return [{k: v for k, v in row.items() if k != "time"} for row in h]
+
+    assert strip(res.history) == strip(ref.history)
+
+    # a finished run re-run with the same arguments just loads it
+    again = fit_classifier(cfg, data, tmp_path / "run", device, seed=3, progress=False)
+    assert again.resumed_from == 12
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in ref_sd.items())
+
+    # a different configuration refuses the checkpoint
+    with pytest.raises(ValueError, match="different configuration"):
+        fit_classifier(
+            dataclasses.replace(cfg, lr=0.1), data, tmp_path / "run", device, seed=3, progress=False
+        )
+
+
+def test_fixmatch_and_supervised_with_labeled_weight(digits, tmp_path):
+    train, test = digits
+    lab = _labeled_subset(train.labels, 4)
+    # poison: the same images again with wrong labels, but weight 0 -> no effect on the loss
+    poison_images = train.images[lab]
+    poison_labels = (train.labels[lab] + 1 + torch.arange(len(lab)) % 9) % 10
+    both = ArrayImageDataset(
+        torch.cat([train.images[lab], poison_images]),
+        torch.cat([train.labels[lab], poison_labels]),
+        train.classes,
+    )
+    idx = np.arange(2 * len(lab))
+    weight = np.concatenate([np.ones(len(lab)), np.zeros(len(lab))])
+    cfg = _cfg(learner="supervised", steps=80, eval_every=80)
+    clean = fit_classifier(
+        cfg,
+        ClassifierData(both, idx, None, None, test, 10, weight),
+        tmp_path / "w0",
+        torch.device("cpu"),
+        0,
+        False,
+    )
+    noisy = fit_classifier(
+        cfg, ClassifierData(both, idx, None, None, test, 10), tmp_path / "w1", torch.device("cpu"), 0, False
+    )
+    assert clean.test_top1 > 70.0  # typical 85-87 (noisy: ~60)
+    assert clean.test_top1 > noisy.test_top1 + 10.0, (clean.test_top1, noisy.test_top1)
+    assert all(row["loss_u"] == 0.0 and row["mask_rate"] == 0.0 for row in clean.history)
+
+    fm = fit_classifier(
+        _cfg(learner="fixmatch", steps=30, threshold=0.7, eval_every=30),
+        ClassifierData(train, lab, train, np.arange(len(train)), test, 10),
+        tmp_path / "fm",
+        torch.device("cpu"),
+        0,
+        False,
+    )
+    assert fm.test_top1 is not None and 0.0 <= fm.history[-1]["mask_rate"] <= 1.0
+
+
+def test_bad_inputs_raise(digits, tmp_path):
+    train, _ = digits
+    unlabeled = ArrayImageDataset(train.images[:50], torch.full((50,), -1), train.classes)
+    with pytest.raises(Exception, match="labels in"):
+        fit_classifier(
+            _cfg(learner="supervised", steps=1),
+            ClassifierData(unlabeled, np.arange(5), None, None, None, 10),
+            tmp_path,
+            torch.device("cpu"),
+            0,
+            False,
+        )
+    with pytest.raises(Exception, match="unlabeled data"):
+        fit_classifier(
+            _cfg(learner="freematch", steps=1),
+            ClassifierData(train, np.arange(5), None, None, None, 10),
+            tmp_path,
+            torch.device("cpu"),
+            0,
+            False,
+        )
+    with pytest.raises(ValueError, match="unknown learner"):
+        fit_classifier(
+            _cfg(learner="meanteacher", steps=1),
+            ClassifierData(train, np.arange(5), None, None, None, 10),
+            tmp_path,
+            torch.device("cpu"),
+            0,
+            False,
+        )

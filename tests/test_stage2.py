@@ -1,0 +1,267 @@
+"""Stage 2: diffusion training (resume, label choices) and deterministic, resumable generation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpt_engine.config.presets import resolve_config
+from dpt_engine.config.schema import DiffusionConfig
+from dpt_engine.data import FolderImageDataset, build_splits
+from dpt_engine.diffusion.dpm_solver import DPMSolverPP
+from dpt_engine.diffusion.guidance import cfg_eps_fn
+from dpt_engine.diffusion.noise import initial_noise
+from dpt_engine.diffusion.schedules import make_schedule
+from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at, fit_diffusion
+from dpt_engine.generation import ImageFolderWriter, clip_denoised_fn, generate, to_uint8, work_list
+from dpt_engine.models.uvit import create_uvit
+from dpt_engine.pipeline import run_pipeline
+from dpt_engine.stages.common import StageContext
+from dpt_engine.stages.stage2 import _training_labels
+
+CLASSES = ["a", "b", "c"]
+
+
+def _tiny_net(num_classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_uvit(
+        "uvit-tiny8", img_size=8, in_chans=1, num_classes=num_classes, embed_dim=32, depth=2, num_heads=2
+    ).eval()
+
+
+def _sampler(net, steps: int = 4):
+    schedule = make_schedule("discrete-linear")
+    solver = DPMSolverPP(schedule, steps=steps, order=2)
+
+    @torch.no_grad()
+    def sample_batch(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        x = initial_noise(7, c, i, (1, 8, 8), dtype=torch.float32, device="cpu")
+        fn = clip_denoised_fn(cfg_eps_fn(net, c, 0.4, 3, schedule), schedule)
+        return to_uint8(solver.sample(fn, x))
+
+    return sample_batch
+
+
+def _read_tree(root: Path) -> dict[tuple[int, int], np.ndarray]:
+    ds = FolderImageDataset.from_tree(root, classes=CLASSES, channels=1, image_size=8)
+    out = {}
+    for k in range(len(ds)):
+        name = Path(ds.describe(k)).stem
+        c, i = (int(v) for v in name.split("_"))
+        assert c == int(ds.labels[k])
+        out[(c, i)] = ds[k][0].numpy().astype(np.int16)
+    return out
+
+
+def test_generation_independent_of_batch_size(tmp_path):
+    net = _tiny_net()
+    fn = _sampler(net)
+    results = {}
+    for bs in (12, 5, 60):
+        writer = ImageFolderWriter(tmp_path / f"bs{bs}", CLASSES)
+        stats = generate(fn, writer, num_classes=3, per_class=20, batch_size=bs, progress=False)
+        writer.close(stats)
+        results[bs] = _read_tree(tmp_path / f"bs{bs}")
+    keys = set(results[12])
+    assert keys == {(c, i) for c in range(3) for i in range(20)}
+    for bs in (5, 60):
+        assert set(results[bs]) == keys
+        worst = max(int(np.abs(results[bs][k] - results[12][k]).max()) for k in keys)
+        assert worst <= 1, f"batch size {bs}: images differ by {worst} uint8 levels"
+    # the initial noise of every (class, index) is bit-identical whatever the batch it is in
+    c, i = work_list(3, 20)
+    full = initial_noise(7, c, i, (1, 8, 8), torch.float32, "cpu")
+    perm = torch.randperm(60)
+    assert torch.equal(initial_noise(7, c[perm], i[perm], (1, 8, 8), torch.float32, "cpu"), full[perm])
+    # equal batch composition -> bit-identical images
+    again = ImageFolderWriter(tmp_path / "again", CLASSES)
+    generate(fn, again, num_classes=3, per_class=20, batch_size=12, progress=False)
+    again_imgs = _read_tree(tmp_path / "again")
+    assert all(np.array_equal(again_imgs[k], results[12][k]) for k in keys)
+
+
+def test_generation_resumes_without_duplicates(tmp_path):
+    net = _tiny_net()
+    fn = _sampler(net, steps=2)
+    root = tmp_path / "samples"
+    calls = {"n": 0}
+
+    def flaky(c, i):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return fn(c, i)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(
+            flaky, ImageFolderWriter(root, CLASSES), num_classes=3, per_class=10, batch_size=4, progress=False
+        )
+    assert len(_read_tree(root)) == 8
+    assert not list(root.rglob("*.tmp"))
+    writer = ImageFolderWriter(root, CLASSES)
+    stats = generate(fn, writer, num_classes=3, per_class=10, batch_size=4, progress=False)
+    writer.close(stats)
+    assert stats["skipped_existing"] == 8 and stats["generated"] == 22
+    imgs = _read_tree(root)
+    assert set(imgs) == {(c, i) for c in range(3) for i in range(10)}
+    # the resumed images equal a one-shot run
+    fresh = tmp_path / "fresh"
+    generate(fn, ImageFolderWriter(fresh, CLASSES), num_classes=3, per_class=10, batch_size=4, progress=False)
+    ref = _read_tree(fresh)
+    assert all(np.array_equal(imgs[k], ref[k]) for k in ref)
+
+
+def test_clip_denoised_keeps_data_prediction_in_range():
+    schedule = make_schedule("discrete-linear")
+    x = torch.randn(6, 1, 8, 8) * 3
+    t = torch.full((6,), 0.5, dtype=torch.float64)
+
+    def wild(x, t):
+        return torch.randn_like(x) * 50
+
+    eps = clip_denoised_fn(wild, schedule)(x, t)
+    a, s = (
+        schedule.marginal_alpha(t).float().view(-1, 1, 1, 1),
+        schedule.marginal_std(t).float().view(-1, 1, 1, 1),
+    )
+    x0 = (x - s * eps) / a
+    assert float(x0.abs().max()) <= 1.0 + 1e-4
+
+
+def _tiny_diffusion_cfg(**kw) -> DiffusionConfig:
+    base = dict(steps=6, batch_size=16, checkpoint_every=2, log_every=2, warmup_steps=2)
+    base.update(kw)
+    return DiffusionConfig(**base)
+
+
+def test_diffusion_training_resumes_exactly(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    data = DiffusionData(
+        x=torch.rand(50, 1, 8, 8, generator=g) * 2 - 1,
+        y=torch.randint(0, 3, (50,), generator=g),
+        weight=None,
+        num_classes=3,
+    )
+    cfg = _tiny_diffusion_cfg()
+    ref = fit_diffusion(_tiny_net(), cfg, data, tmp_path / "ref", torch.device("cpu"), seed=3, progress=False)
+    (tmp_path / "ref").mkdir(exist_ok=True)
+    work = tmp_path / "killed"
+    work.mkdir()
+    monkeypatch.setenv("DPT_TEST_INTERRUPT_AT_STEP", "4")
+    with pytest.raises(KeyboardInterrupt):
+        fit_diffusion(_tiny_net(), cfg, data, work, torch.device("cpu"), seed=3, progress=False)
+    monkeypatch.delenv("DPT_TEST_INTERRUPT_AT_STEP")
+    res = fit_diffusion(_tiny_net(), cfg, data, work, torch.device("cpu"), seed=3, progress=False)
+    assert res.resumed_from == 4
+    for (k, a), b in zip(ref.ema.state_dict().items(), res.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in ref.history]
+
+
+def test_diffusion_loss_decreases(tmp_path):
+    splits = build_splits(resolve_config("digits").data)
+    x = splits.train.get_batch(torch.arange(256)).float() / 127.5 - 1
+    data = DiffusionData(x=x, y=splits.train.labels[:256], weight=None, num_classes=10)
+    cfg = _tiny_diffusion_cfg(
+        steps=120, batch_size=32, log_every=20, checkpoint_every=120, lr=2e-3, warmup_steps=10
+    )
+    net = create_uvit(
+        "uvit-tiny8", img_size=8, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2
+    )
+    fit = fit_diffusion(net, cfg, data, tmp_path, torch.device("cpu"), seed=0, progress=False)
+    assert fit.history[-1]["loss"] < 0.7 * fit.history[0]["loss"]
+
+
+def test_ema_warmup():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10**7, 0.999) == 0.999
+
+
+def test_training_label_choices(tmp_path):
+    cfg = resolve_config("digits")
+    splits = build_splits(cfg.data)
+    n = len(splits.train)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    conf = np.linspace(0.2, 1.0, n).astype(np.float32)
+    np.savez(stage1 / "pseudo_labels.npz", label=np.zeros(n, dtype=np.int64), confidence=conf)
+
+    def labels(**kw):
+        c = replace(cfg, stage2=replace(cfg.stage2, **kw))
+        return _training_labels(StageContext(cfg=c, out=tmp_path, device=torch.device("cpu")), splits)
+
+    y, w, info = labels()
+    assert (y == 0).all() and w is None and info["label_source"] == "pseudo"
+    y, w, info = labels(confidence_threshold=0.6)
+    assert torch.equal(w > 0, torch.from_numpy(conf >= 0.6))
+    assert info["kept_by_threshold"] == int((conf >= 0.6).sum())
+    y, w, _ = labels(confidence_weighting=True)
+    assert torch.allclose(w, torch.from_numpy(conf))
+    y, w, _ = labels(label_source="true")
+    assert torch.equal(y, splits.train.labels)
+
+
+def test_full_pipeline_tiny(tmp_path):
+    overrides = [
+        "stage1.steps=16",
+        "stage1.batch_size=8",
+        "stage1.uratio=2",
+        "stage1.eval_every=16",
+        "stage1.checkpoint_every=16",
+        "stage2.steps=30",
+        "stage2.batch_size=32",
+        "stage2.log_every=10",
+        "stage2.checkpoint_every=10",
+        "sample.images_per_class=3",
+        "sample.steps=4",
+        "sample.fid_num_images=24",
+        "stage3.steps=8",
+        "stage3.batch_size=8",
+        "stage3.uratio=2",
+        "stage3.eval_every=8",
+        "stage3.checkpoint_every=8",
+        "stage3.filter_pseudo=true",
+        "run.threads=1",
+    ]
+    out = tmp_path / "run"
+    report = run_pipeline(resolve_config("digits", overrides=overrides), out, progress=False)
+    r = json.loads((out / "report.json").read_text())
+    assert r == json.loads(json.dumps(report))
+    for key in ("stage1.top1", "pseudo_labels.accuracy", "generation.fid", "stage3.top1", "stage3.gain"):
+        assert r["metrics"][key] is not None, key
+    assert r["generation"]["fid"] > 0
+    assert (out / "sample" / "sample_grid.png").is_file()
+    assert "sample/sample_grid.png" in r["plots"]
+    assert len(list((out / "sample" / "samples").rglob("*.png"))) == 30
+    manifest = json.loads((out / "sample" / "samples" / "manifest.json").read_text())
+    assert manifest["num_images"] == 30
+    assert set(r["wall_time_s"]) == {"stage1", "stage2", "sample", "stage3"}
+
+
+def test_latent_space_stage2_and_sampling(tmp_path):
+    """Stage 2 through a (tiny, randomly initialised) diffusers AutoencoderKL loaded from a directory."""
+    from dpt_engine.models.autoencoder import LatentAutoencoder
+
+    torch.manual_seed(0)
+    ae_dir = tmp_path / "vae"
+    LatentAutoencoder.from_config(in_channels=1, out_channels=1).save_pretrained(ae_dir)
+    overrides = [
+        "stage1.steps=4", "stage1.batch_size=8", "stage1.uratio=1", "stage1.eval_every=4",
+        "stage1.checkpoint_every=4", f"stage2.autoencoder={ae_dir}", "stage2.hflip=true",
+        "stage2.steps=6", "stage2.batch_size=16", "stage2.log_every=3", "stage2.checkpoint_every=3",
+        "sample.images_per_class=2", "sample.steps=3", "sample.fid=false", "run.threads=1",
+    ]
+    out = tmp_path / "run"
+    report = run_pipeline(resolve_config("digits", overrides=overrides), out, stages=("stage1", "stage2", "sample"),
+                          progress=False)
+    lat = torch.load(out / "stage2" / "latents.pt", weights_only=True)
+    assert lat["mean"].shape == (2 * 1297, 4, 4, 4)  # images + flips, 8px -> 4px latents
+    assert json.loads((out / "stage2" / "summary.json").read_text())["latent_shape"] == [4, 4, 4]
+    imgs = list((out / "sample" / "samples").rglob("*.png"))
+    assert len(imgs) == 20
+    assert report["generation"]["num_images"] == 20
