@@ -99,3 +99,9 @@ def test_null_clears_optional():
     cfg = resolve_config(overrides=["data.labels_per_class=null", "data.label_fraction=0.1"])
     assert cfg.data.labels_per_class is None
     assert cfg.data.label_fraction == pytest.approx(0.1)
+
+
+def test_literal_words_that_yaml_reads_as_bool():
+    assert resolve_config(overrides=["stage2.label_source=true"]).stage2.label_source == "true"
+    with pytest.raises(ConfigError, match="stage2.label_source"):
+        resolve_config(overrides=["stage2.label_source=false"])

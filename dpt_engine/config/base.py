@@ -57,7 +57,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool) and str(value).lower() in get_args(tp):
+            return str(value).lower()  # YAML reads `true` as a bool; the choice is the word
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
