@@ -17,26 +17,67 @@ __all__ = ["PRESETS", "deep_merge", "get_preset", "list_presets", "resolve_confi
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: scikit-learn's 8x8 digits (real data, ships with scikit-learn),
     # 4 labels per class, a small CNN trained with FreeMatch. Runs on a laptop CPU in minutes.
+    # FreeMatch's threshold EMA at 0.99 (paper: 0.999 over 1M steps) adapts within a 1,000-step
+    # run: measured 97-98.4% top-1 at k=4 and 88-97% at k=1 over 3 seeds, vs 82% / 72% at 0.999.
     # Stage 2: a 1.5M-parameter U-ViT in pixel space; sampling with logSNR-uniform steps and
     # guidance 1.0 (on these 8x8 images that makes 95% of samples classifiable as their class,
     # vs 82% at DPT's 0.4; measured with a pixel logistic regression, 20 steps).
     "digits": {
         "data": {"name": "digits", "labels_per_class": 4},
-        "stage1": {"learner": "freematch", "backbone": "cnn-small", "steps": 1500},
+        "stage1": {
+            "learner": "freematch",
+            "backbone": "cnn-small",
+            "steps": 1000,
+            "batch_size": 16,
+            "tau_ema": 0.99,
+        },
         "stage2": {"model": "uvit-tiny8", "schedule": "discrete-linear", "steps": 1500, "batch_size": 128},
-        "sample": {"images_per_class": 100, "steps": 20, "skip_type": "logSNR", "guidance_scale": 1.0,
-                   "fid_num_images": 250},
-        "stage3": {"learner": "freematch", "backbone": "cnn-small", "steps": 1500},
+        "sample": {
+            "images_per_class": 100,
+            "steps": 20,
+            "skip_type": "logSNR",
+            "guidance_scale": 1.0,
+            "fid_num_images": 250,
+        },
+        "stage3": {
+            "learner": "freematch",
+            "backbone": "cnn-small",
+            "steps": 1000,
+            "batch_size": 16,
+            "tau_ema": 0.99,
+        },
     },
     # Fashion-MNIST from Debian's dataset-fashion-mnist package, 4 labels per class.
     "fashion-mnist": {
         "data": {"name": "fashion-mnist", "labels_per_class": 4},
-        "stage1": {"learner": "freematch", "backbone": "cnn-small", "steps": 3000, "hflip": True},
-        "stage2": {"model": "uvit-tiny28", "schedule": "discrete-linear", "steps": 6000, "batch_size": 128,
-                   "hflip": True},
-        "sample": {"images_per_class": 500, "steps": 20, "skip_type": "logSNR", "guidance_scale": 1.0,
-                   "fid_num_images": 2000},
-        "stage3": {"learner": "freematch", "backbone": "cnn-small", "steps": 3000, "hflip": True},
+        "stage1": {
+            "learner": "freematch",
+            "backbone": "cnn-small",
+            "steps": 3000,
+            "hflip": True,
+            "tau_ema": 0.99,
+        },
+        "stage2": {
+            "model": "uvit-tiny28",
+            "schedule": "discrete-linear",
+            "steps": 6000,
+            "batch_size": 128,
+            "hflip": True,
+        },
+        "sample": {
+            "images_per_class": 500,
+            "steps": 20,
+            "skip_type": "logSNR",
+            "guidance_scale": 1.0,
+            "fid_num_images": 2000,
+        },
+        "stage3": {
+            "learner": "freematch",
+            "backbone": "cnn-small",
+            "steps": 3000,
+            "hflip": True,
+            "tau_ema": 0.99,
+        },
     },
     # FreeMatch with WRN-28-2 and 4 labels per class: DPT's CIFAR-10 recipe for the classifier.
     "cifar10": {

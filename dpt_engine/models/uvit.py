@@ -16,9 +16,10 @@ attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``mid_block``, ``out_blocks.N.s
 ``norm``, ``decoder_pred``, ``final_layer``). The class embedding has ``num_classes + 1`` rows;
 row ``num_classes`` is the null class used for classifier-free guidance.
 
-Attention runs through ``F.scaled_dot_product_attention`` in the compute dtype (under autocast
-q, k, v stay in bf16/fp16 so the flash / memory-efficient kernels are used; the original upcast
-them to fp32).
+Attention runs through the ``dpt_engine.kernels.attention`` dispatch in the compute dtype (under
+autocast q, k, v stay in bf16/fp16; the original upcast them to fp32): PyTorch's
+``F.scaled_dot_product_attention`` on CPU, the Triton flash-attention kernel on CUDA (reading
+q, k, v in place from the qkv projection), selectable with ``DPT_KERNELS``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from dpt_engine import kernels
 
 __all__ = [
     "UVIT_PRESETS",
@@ -123,7 +126,7 @@ class Attention(nn.Module):
         # qkv features are laid out as (3, heads, head_dim), matching the original checkpoints
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        x = kernels.attention(q, k, v)  # (B, H, N, Dh); dispatch: SDPA on CPU, Triton flash on CUDA
         x = x.transpose(1, 2).reshape(b, n, d)  # (B, N, H*Dh)
         return self.proj(x)
 

@@ -451,10 +451,9 @@ def fit_classifier(
     # ---- data
     store_l = _ImageStore(data.labeled, data.labeled_idx, device)
     labels_l = data.labeled.labels[store_l.idx].to(device)  # (n_l,)
-    weights_l = (
-        None if data.labeled_weight is None else torch.as_tensor(data.labeled_weight, dtype=torch.float32)
-    )
-    weights_l = None if weights_l is None else weights_l.to(device)
+    weights_l = None  # (n_l,) per-example CE weights
+    if data.labeled_weight is not None:
+        weights_l = torch.as_tensor(np.asarray(data.labeled_weight), dtype=torch.float32).to(device)
     store_u = _ImageStore(data.unlabeled, data.unlabeled_idx, device) if semi else None
     labels_u = data.unlabeled.labels[store_u.idx].to(device) if store_u is not None else None
     sampler_l = _EpochSampler(len(store_l))
