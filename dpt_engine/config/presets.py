@@ -112,8 +112,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # regression, 1 label per class from an MSN subset file (pass data.subset_file=...).
     "imagenet-linear-probe": {
         "data": {"name": "imagefolder", "labels_per_class": 1, "image_size": 224},
-        "stage1": {"learner": "linear-probe", "backbone": "timm:vit_base_patch16_224", "probe_l2": 0.0025},
-        "stage3": {"learner": "linear-probe", "backbone": "timm:vit_base_patch16_224", "probe_l2": 0.0025},
+        "stage1": {
+            "learner": "linear-probe",
+            "backbone": "timm:vit_base_patch16_224",
+            "probe_l2": 0.0025,
+            "probe_l2_per_sample": True,
+        },
+        "stage3": {
+            "learner": "linear-probe",
+            "backbone": "timm:vit_base_patch16_224",
+            "probe_l2": 0.0025,
+            "probe_l2_per_sample": True,
+        },
         "run": {"num_workers": 8},
     },
 }

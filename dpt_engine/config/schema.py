@@ -82,6 +82,7 @@ class ClassifierConfig:
     # linear-probe
     probe_checkpoint: Optional[str] = None  # local backbone weights for the linear probe
     probe_l2: float = 0.0025  # L2 penalty: mean CE + probe_l2/2 * ||W||^2
+    probe_l2_per_sample: bool = False  # divide probe_l2 by the number of labeled images (DPT/MSN: 0.0025/N)
     probe_max_iter: int = 300
     probe_batch_size: int = 256  # feature-extraction batch
     # stage 3 only

@@ -335,7 +335,9 @@ def fit_linear_probe(
     y = data.labeled.labels[torch.as_tensor(np.asarray(data.labeled_idx), dtype=torch.long)]
     center = feats.double().mean(dim=0).float()  # (F,)
     z = center_normalize(feats, center)
-    lr = LogisticRegressionL2(cfg.probe_l2, cfg.probe_max_iter, device=device).fit(
+    # DPT/MSN's penalty is lambda = 0.0025 / N on the mean loss (probe_l2_per_sample=true)
+    l2 = cfg.probe_l2 / len(z) if cfg.probe_l2_per_sample else cfg.probe_l2
+    lr = LogisticRegressionL2(l2, cfg.probe_max_iter, device=device).fit(
         z, y, data.num_classes, sample_weight=data.labeled_weight
     )
     model = LinearProbeClassifier(backbone, center, lr.coef_).to(device).eval()
