@@ -16,7 +16,7 @@ help:
 	@echo "make setup  - create $(VENV) and install the pinned stack (constraints.txt)"
 	@echo "make lint   - ruff check + format check"
 
-$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/build_native.sh CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 	@touch $(STAMP)
 

