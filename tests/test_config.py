@@ -103,5 +103,5 @@ def test_null_clears_optional():
 
 def test_literal_words_that_yaml_reads_as_bool():
     assert resolve_config(overrides=["stage2.label_source=true"]).stage2.label_source == "true"
-    with pytest.raises(ConfigError, match="stage2.label_source"):
+    with pytest.raises(ConfigError, match=r"stage2\.label_source"):
         resolve_config(overrides=["stage2.label_source=false"])
