@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dpt_engine.kernels import _native as native
-from dpt_engine.kernels import ema_update_reference_
 
 from benchmarks.harness import (
     Row,
@@ -47,6 +45,8 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
+from dpt_engine.kernels import _native as native
+from dpt_engine.kernels import ema_update_reference_
 
 __all__ = ["VARIANTS", "build_parser", "main", "run"]
 

@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dpt_engine.kernels import _native as native
-from dpt_engine.kernels.solver_step import SolverStepTable, solver_step_reference, solver_step_table
 
 from benchmarks.harness import (
     Row,
@@ -48,6 +46,8 @@ from benchmarks.harness import (
 )
 from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
 from dpt_engine.diffusion.guidance import cfg_combine
+from dpt_engine.kernels import _native as native
+from dpt_engine.kernels.solver_step import SolverStepTable, solver_step_reference, solver_step_table
 
 __all__ = ["VARIANTS", "build_parser", "main", "run"]
 

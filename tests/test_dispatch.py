@@ -14,6 +14,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+
+from dpt_engine import kernels
 from dpt_engine.kernels import dispatch
 from dpt_engine.kernels.dispatch import (
     BackendUnavailableError,
@@ -21,8 +23,6 @@ from dpt_engine.kernels.dispatch import (
     resolve_backend,
     use_backend,
 )
-
-from dpt_engine import kernels
 
 _IDS = itertools.count()
 

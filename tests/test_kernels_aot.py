@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+
 from dpt_engine.kernels.dispatch import HAS_TRITON
 
 pytestmark = [

@@ -26,15 +26,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dpt_engine.kernels import (
-    attention,
-    attention_qkvpacked,
-    attention_reference,
-    ema_update_,
-    ema_update_reference_,
-    sample_multistep_fused,
-    solver_step_table,
-)
 from tolerances import (
     TOLERANCES,
     assert_bit_exact,
@@ -44,6 +35,15 @@ from tolerances import (
 
 from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
 from dpt_engine.diffusion.guidance import cfg_combine
+from dpt_engine.kernels import (
+    attention,
+    attention_qkvpacked,
+    attention_reference,
+    ema_update_,
+    ema_update_reference_,
+    sample_multistep_fused,
+    solver_step_table,
+)
 
 step_mod = importlib.import_module("dpt_engine.kernels.solver_step")
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
+from dpt_engine.diffusion.guidance import cfg_combine
 from dpt_engine.kernels import BackendUnavailableError, ema_update_, ema_update_reference_
 from dpt_engine.kernels import _native as native
 from dpt_engine.kernels.solver_step import (
@@ -32,9 +35,6 @@ from dpt_engine.kernels.solver_step import (
     solver_step_reference,
     solver_step_table,
 )
-
-from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
-from dpt_engine.diffusion.guidance import cfg_combine
 
 if not native.is_available():
     if os.environ.get("DPT_REQUIRE_NATIVE") == "1":

@@ -24,7 +24,7 @@ from torch import nn
 
 from dpt_engine.diffusion.schedules import NoiseSchedule
 
-__all__ = ["cfg_combine", "cfg_eps_fn", "two_forward_eps_fn"]
+__all__ = ["cfg_combine", "cfg_eps_fn", "doubled_eps_fn", "two_forward_eps_fn"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,12 +61,10 @@ def cfg_eps_fn(
         return model_fn
     if y is None or null_class is None:
         raise ValueError("guidance with scale != 0 needs labels y and a null_class")
-    y2 = torch.cat([y, _null_labels(y, null_class)])  # (2B,)
+    doubled = doubled_eps_fn(net, y, null_class, schedule)
 
     def guided_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_net = schedule.network_time(t)
-        eps = net(torch.cat([x, x]), torch.cat([t_net, t_net]), y2)  # (2B, C, H, W)
-        cond, uncond = eps.chunk(2)  # 2 x (B, C, H, W)
+        cond, uncond = doubled(x, t).chunk(2)  # 2 x (B, C, H, W)
         return cfg_combine(cond, uncond, scale)
 
     return guided_fn
@@ -88,3 +86,15 @@ def two_forward_eps_fn(
         return cfg_combine(net(x, t_net, y), net(x, t_net, y_null), scale)
 
     return model_fn
+
+
+def doubled_eps_fn(net: nn.Module, y: torch.Tensor, null_class: int, schedule: NoiseSchedule) -> ModelFn:
+    """``model_fn(x (B,...), t (B,)) -> (2B, ...)``: ``[cond; uncond]`` from one forward of the
+    doubled batch, for a solver step that fuses the guidance combination itself."""
+    y2 = torch.cat([y, _null_labels(y, null_class)])  # (2B,)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_net = schedule.network_time(t)
+        return net(torch.cat([x, x]), torch.cat([t_net, t_net]), y2)  # (2B, C, H, W)
+
+    return fn

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from ..config.base import to_dict
 from ..data import DatasetSplits
 from ..diffusion.dpm_solver import DPMSolverPP
-from ..diffusion.guidance import cfg_eps_fn
+from ..diffusion.guidance import cfg_eps_fn, doubled_eps_fn
 from ..diffusion.noise import initial_noise
 from ..diffusion.schedules import make_schedule
 from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
 from ..generation import ImageFolderWriter, clip_denoised_fn, generate, save_grid, to_uint8
+from ..kernels.solver_step import sample_multistep_fused, solver_step_table
 from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
 from ..models.uvit import create_uvit
 from ..utils.io import atomic_torch_save, atomic_write_json
@@ -69,7 +70,9 @@ def load_stage2_autoencoder(ctx: StageContext, splits: DatasetSplits) -> BaseAut
     return ae
 
 
-def build_uvit(ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None) -> torch.nn.Module:
+def build_uvit(
+    ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
+) -> torch.nn.Module:
     """The stage-2 U-ViT for the data's (latent) shape and class count."""
     cfg = ctx.cfg.stage2
     ae = ae if ae is not None else load_stage2_autoencoder(ctx, splits)
@@ -206,15 +209,27 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
         )
         shape = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
 
+        clip = scfg.clip_denoised and ctx.cfg.stage2.autoencoder is None
+        fused = scfg.method == "multistep"  # one fused solver step per model call (kernel dispatch)
+        table = solver_step_table(solver, ctx.device) if fused else None
+
         def sample_batch(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
             x_t = initial_noise(scfg.seed, c, i, shape, dtype=torch.float32, device=ctx.device)
-            if conditional:
-                fn = cfg_eps_fn(net, c.to(ctx.device), scfg.guidance_scale, num_classes, schedule)
+            y = c.to(ctx.device) if conditional else None
+            scale = scfg.guidance_scale if conditional else 0.0
+            if fused and not clip and scale != 0:
+                # the network returns [cond; uncond] for the doubled batch; guidance is fused
+                fn = doubled_eps_fn(net, y, num_classes, schedule)
+                x0 = sample_multistep_fused(solver, fn, x_t, guidance_scale=scale, table=table)
             else:
-                fn = cfg_eps_fn(net, None, 0.0, None, schedule)
-            if scfg.clip_denoised and ctx.cfg.stage2.autoencoder is None:
-                fn = clip_denoised_fn(fn, schedule)
-            return to_uint8(ae.decode(solver.sample(fn, x_t))).cpu()
+                fn = cfg_eps_fn(net, y, scale, num_classes if conditional else None, schedule)
+                if clip:
+                    fn = clip_denoised_fn(fn, schedule)
+                if fused:
+                    x0 = sample_multistep_fused(solver, fn, x_t, table=table)
+                else:
+                    x0 = solver.sample(fn, x_t)
+            return to_uint8(ae.decode(x0)).cpu()
 
         root = ctx.stage_dir("sample") / "samples"
         writer = ImageFolderWriter(root, splits.classes)
