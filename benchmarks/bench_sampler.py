@@ -1,24 +1,32 @@
 """End-to-end guided sampling speed: dpt_engine's DPM-Solver++ against diffusers and the original
 two-forward guidance, with the same network, noise, labels and time grid.
 
-Variants (all timed interleaved in one process, see ``benchmarks.harness``):
+Variants with the network (all timed interleaved in one process, see ``benchmarks.harness``):
 
-* ``dpt_engine``: ``DPMSolverPP`` multistep order 2 with ``cfg_eps_fn`` (one forward of the
+* ``dpt_engine``: ``DPMSolverPP.sample`` multistep order 2 with ``cfg_eps_fn`` (one forward of the
   doubled batch ``cat([x, x])`` with labels ``cat([y, null])`` per step).
+* ``dpt_engine-fused``: what stage 2 runs (``dpt_engine.stages.stage2``): ``sample_multistep_fused``
+  with ``doubled_eps_fn``, i.e. the same forward, then guidance, data prediction and update in one
+  ``solver_step`` through the kernel dispatch (the C++ op on CPU when built, else the reference).
 * ``diffusers``: ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 2, midpoint, the same
   discrete linear betas) stepping with the same ``cfg_eps_fn`` output, so only the solver loop
   differs from ``dpt_engine``.
 * ``naive-original``: ``DPMSolverPP`` with ``two_forward_eps_fn``: separate conditional and
   null-class forwards of batch B per step, as the original U-ViT/DPT code does.
 * ``network-forward``: the bare doubled-batch forwards alone (``steps`` of them, inputs prepared
-  beforehand): the floor under ``dpt_engine`` and ``diffusers``; the gap is the time spent
-  outside the network (solver arithmetic, guidance combine, concatenations, Python).
+  beforehand): the floor under the samplers; the gap is the time spent outside the network
+  (solver arithmetic, guidance combine, concatenations, Python).
+
+Solver loop alone (a second interleaved measurement, the model replaced by a precomputed output,
+many repeats): ``dpt_engine``, ``dpt_engine-fused`` and ``diffusers`` per-step loop cost, and the
+per-call setup: ``DPMSolverPP`` construction plus ``solver_step_table`` (done once per sampling
+run, as stage 2 does, so outside the timed sampling calls) vs diffusers' ``set_timesteps`` (needed
+before every call to reset the scheduler, so inside its timed calls).
 
 Time grid: diffusers' ``linspace`` spacing, integer timestep ``k`` <-> our continuous time
 ``(k + 1) / N``, then a final ``1 / N`` (``final_sigmas_type='sigma_min'``); ``DPMSolverPP`` gets
 exactly that grid and ``lower_order_final_below=15`` (diffusers' rule), as in
-``tests/test_dpm_solver.py``. Each timed call includes the solver's per-call setup
-(``DPMSolverPP`` construction, diffusers' ``set_timesteps``).
+``tests/test_dpm_solver.py``.
 
 Run: ``python -m benchmarks.bench_sampler [--model uvit-tiny8] [--batch 64] [--steps 20]``.
 """
@@ -30,6 +38,7 @@ import os
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +63,21 @@ from dpt_engine.diffusion import (
     make_schedule,
     two_forward_eps_fn,
 )
+from dpt_engine.diffusion.guidance import doubled_eps_fn
+from dpt_engine.kernels import registered_backends, resolve_backend
+from dpt_engine.kernels.solver_step import SolverStepTable, sample_multistep_fused, solver_step_table
 from dpt_engine.models.uvit import UViT, create_uvit, list_uvits
 
-__all__ = ["VARIANTS", "build_parser", "main", "run"]
+__all__ = ["LOOP_VARIANTS", "VARIANTS", "build_parser", "main", "run"]
 
 BENCHMARK = "sampler"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-VARIANTS = ("dpt_engine", "diffusers", "naive-original", "network-forward")
+VARIANTS = ("dpt_engine", "dpt_engine-fused", "diffusers", "naive-original", "network-forward")
+LOOP_VARIANTS = ("dpt_engine", "dpt_engine-fused", "diffusers")
 NUM_CLASSES = 10
 SCHEDULE = "discrete-linear"
 ORDER = 2
+LOOP_REPEATS_PER_REPEAT = 10  # the network-free loop takes milliseconds: time it more often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,58 +121,94 @@ def _diffusers_scheduler(schedule: DiscreteVPSchedule) -> Any:
     )
 
 
+def _set_timesteps(sched: Any, steps: int, device: torch.device) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 copy= notice inside diffusers
+        sched.set_timesteps(steps, device=device)
+
+
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
 
 
-def _make_variants(
-    net: UViT,
-    schedule: DiscreteVPSchedule,
-    x_T: torch.Tensor,
-    y: torch.Tensor,
-    steps: int,
-    scale: float,
-) -> tuple[dict[str, Callable[[], torch.Tensor]], int]:
-    """The four zero-argument variant callables (each returns its final tensor) and the number
-    of network evaluations per sampling call."""
+@dataclass
+class _Setup:
+    """Everything the variants share: the schedule, the matched time grid and both solvers."""
+
+    schedule: DiscreteVPSchedule
+    steps: int
+    grid: list[float]  # steps + 1 decreasing continuous times
+    sched: Any  # diffusers DPMSolverMultistepScheduler
+    x_T: torch.Tensor  # (B, C, H, W) fp32
+
+    def solver(self) -> DPMSolverPP:
+        return DPMSolverPP(
+            self.schedule, self.steps, order=ORDER, timesteps=self.grid, lower_order_final_below=15
+        )
+
+    def table(self, solver: DPMSolverPP) -> SolverStepTable:
+        return solver_step_table(solver, self.x_T.device)
+
+    def diffusers_loop(self, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One diffusers sampling call (``set_timesteps`` resets the scheduler's step index)."""
+        n = self.schedule.num_train_timesteps
+        _set_timesteps(self.sched, self.steps, self.x_T.device)
+        x = self.x_T
+        for k in self.sched.timesteps:
+            t = torch.full((x.shape[0],), (int(k) + 1) / n, dtype=torch.float32, device=x.device)  # (B,)
+            x = self.sched.step(eps_fn(x, t), k, x).prev_sample
+        return x
+
+
+def _make_setup(schedule: DiscreteVPSchedule, steps: int, x_T: torch.Tensor) -> _Setup:
+    sched = _diffusers_scheduler(schedule)
+    _set_timesteps(sched, steps, x_T.device)
     n = schedule.num_train_timesteps
+    grid = [(int(k) + 1) / n for k in sched.timesteps] + [1.0 / n]
+    return _Setup(schedule, steps, grid, sched, x_T)
+
+
+def _fused_backend(setup: _Setup, table: SolverStepTable) -> str:
+    """Name of the ``solver_step`` backend the dispatch picks for these tensors."""
+    x = setup.x_T
+    history = torch.zeros((table.max_order, *x.shape), dtype=x.dtype, device=x.device)
+    fn = resolve_backend("solver_step", (x, torch.cat([x, x]), history, table.coef))
+    return next((name for name, b in registered_backends("solver_step").items() if b.fn is fn), "unknown")
+
+
+def _network_variants(
+    net: UViT, setup: _Setup, y: torch.Tensor, scale: float
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The five sampling variants, each a zero-argument callable returning its final tensor."""
+    schedule, x_T = setup.schedule, setup.x_T
     null = net.cfg.null_class_id
+    assert null is not None
     guided = cfg_eps_fn(net, y, scale, null, schedule)
     two_forward = two_forward_eps_fn(net, y, scale, null, schedule)
-    sched = _diffusers_scheduler(schedule)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 copy= notice inside diffusers
-        sched.set_timesteps(steps, device=x_T.device)
-    ks = [int(k) for k in sched.timesteps]
-    grid = [(k + 1) / n for k in ks] + [1.0 / n]
-    tdtype = torch.float32
+    doubled = doubled_eps_fn(net, y, null, schedule)
+    solver = setup.solver()  # built once per run, as stage 2 does
+    table = setup.table(solver)
 
     def ours() -> torch.Tensor:
-        solver = DPMSolverPP(schedule, steps, order=ORDER, timesteps=grid, lower_order_final_below=15)
         return solver.sample(guided, x_T)
 
-    def naive() -> torch.Tensor:
-        solver = DPMSolverPP(schedule, steps, order=ORDER, timesteps=grid, lower_order_final_below=15)
-        return solver.sample(two_forward, x_T)
+    def fused() -> torch.Tensor:
+        return sample_multistep_fused(solver, doubled, x_T, guidance_scale=scale, table=table)
 
     def peer() -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            sched.set_timesteps(steps, device=x_T.device)
-        x = x_T
-        for k in sched.timesteps:
-            t = torch.full((x.shape[0],), (int(k) + 1) / n, dtype=tdtype, device=x.device)  # (B,)
-            x = sched.step(guided(x, t), k, x).prev_sample
-        return x
+        return setup.diffusers_loop(guided)
+
+    def naive() -> torch.Tensor:
+        return solver.sample(two_forward, x_T)
 
     # bare forwards: exactly the doubled-batch inputs cfg_eps_fn builds, prepared beforehand
     x2 = torch.cat([x_T, x_T])  # (2B, C, H, W)
     y2 = torch.cat([y, torch.full_like(y, null)])  # (2B,)
     t_nets = [
-        schedule.network_time(torch.full((x2.shape[0],), t, dtype=tdtype, device=x_T.device))
-        for t in grid[:-1]
+        schedule.network_time(torch.full((x2.shape[0],), t, dtype=torch.float32, device=x_T.device))
+        for t in setup.grid[:-1]
     ]
 
     def forwards() -> torch.Tensor:
@@ -167,9 +217,42 @@ def _make_variants(
             out = net(x2, t_net, y2)
         return out
 
-    variants = {"dpt_engine": ours, "diffusers": peer, "naive-original": naive, "network-forward": forwards}
+    variants = {
+        "dpt_engine": ours,
+        "dpt_engine-fused": fused,
+        "diffusers": peer,
+        "naive-original": naive,
+        "network-forward": forwards,
+    }
     assert tuple(variants) == VARIANTS
-    return variants, len(t_nets)
+    return variants
+
+
+def _loop_variants(setup: _Setup, scale: float) -> dict[str, Callable[[], Any]]:
+    """The solver loops with the model replaced by a precomputed output, plus the setup costs."""
+    x_T = setup.x_T
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    doubled = (0.1 * torch.randn((2 * x_T.shape[0], *x_T.shape[1:]), generator=gen)).to(x_T.device)
+    cond, uncond = doubled.chunk(2)
+    eps = cond + scale * (cond - uncond)  # what cfg_eps_fn would return
+    solver = setup.solver()
+    table = setup.table(solver)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return eps
+
+    def doubled_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return doubled
+
+    return {
+        "dpt_engine": lambda: solver.sample(eps_fn, x_T),
+        "dpt_engine-fused": lambda: sample_multistep_fused(
+            solver, doubled_fn, x_T, guidance_scale=scale, table=table
+        ),
+        "diffusers": lambda: setup.diffusers_loop(eps_fn),
+        "dpt_engine-setup": lambda: setup.table(setup.solver()),
+        "diffusers-setup": lambda: _set_timesteps(setup.sched, setup.steps, x_T.device),
+    }
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -192,6 +275,21 @@ def run(args: argparse.Namespace) -> list[Row]:
         (cfg.in_chans, cfg.img_size, cfg.img_size),
         device=device,
     )  # (B, C, H, W) fp32
+    setup = _make_setup(schedule, args.steps, x_T)
+    loop_repeats = LOOP_REPEATS_PER_REPEAT * args.repeats
+
+    with torch.no_grad():
+        variants = _network_variants(net, setup, y, args.scale)
+        # untimed first call of every variant: warm-up, and the outputs for the agreement check
+        outputs = {name: fn() for name, fn in variants.items()}
+        ref = outputs["dpt_engine"]
+        rel = {name: _rel_diff(ref, outputs[name]) for name in ("diffusers", "naive-original")}
+        rel["dpt_engine-fused"] = _rel_diff(outputs["dpt_engine-fused"], ref)
+        print("agreement (relative L2 difference to dpt_engine's output):")
+        for name, value in rel.items():
+            print(f"  {name:<17} {value:.2e}")
+        times = measure_alternating(variants, repeats=args.repeats, warmup=args.warmup)
+        loop_times = measure_alternating(_loop_variants(setup, args.scale), repeats=loop_repeats, warmup=2)
 
     config = {
         "model": args.model,
@@ -204,58 +302,65 @@ def run(args: argparse.Namespace) -> list[Row]:
         "num_classes": NUM_CLASSES,
         "dtype": "float32",
         "repeats": args.repeats,
+        "loop_repeats": loop_repeats,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
+        "fused_backend": _fused_backend(setup, setup.table(setup.solver())),
         "load_avg_1min_before": round(load_before, 2),
     }
-
-    with torch.no_grad():
-        variants, nfe = _make_variants(net, schedule, x_T, y, args.steps, args.scale)
-        # untimed first call of every variant: warm-up, and the outputs for the agreement check
-        outputs = {name: fn() for name, fn in variants.items()}
-        rel_peer = _rel_diff(outputs["dpt_engine"], outputs["diffusers"])
-        rel_naive = _rel_diff(outputs["dpt_engine"], outputs["naive-original"])
-        print(
-            f"agreement: ||dpt_engine - diffusers|| / ||diffusers|| = {rel_peer:.2e}, "
-            f"||dpt_engine - naive-original|| / ||naive-original|| = {rel_naive:.2e}"
-        )
-        times = measure_alternating(variants, repeats=args.repeats, warmup=args.warmup)
-
     dev = device_name(device)
 
     def row(variant: str, metric: str, value: float, unit: str, **kw: Any) -> Row:
         return Row(BENCHMARK, variant, metric, float(value), unit, config=config, device=dev, **kw)
 
+    def ms(x: float) -> float:
+        return 1e3 * x
+
     rows: list[Row] = []
     for name in VARIANTS:
         s = summarize(times[name])
         rows.append(row(name, "seconds_per_batch", s["p50"], "s", p20=s["p20"], p80=s["p80"]))
-        rows.append(
-            row(
-                name,
-                "throughput",
-                args.batch / s["p50"],
-                "img/s",
-                p20=args.batch / s["p80"],
-                p80=args.batch / s["p20"],
-            )
-        )
-    ours = times["dpt_engine"]
+        tp = (args.batch / s["p50"], args.batch / s["p80"], args.batch / s["p20"])
+        rows.append(row(name, "throughput", tp[0], "img/s", p20=tp[1], p80=tp[2]))
+    for name, peers in (
+        ("dpt_engine", ("diffusers", "naive-original")),
+        ("dpt_engine-fused", ("diffusers", "naive-original", "dpt_engine")),
+    ):
+        for peer in peers:
+            r = paired_ratio(times[peer], times[name])
+            rows.append(row(name, "speedup", r, "x", baseline=peer, ratio=r))
     fwd = times["network-forward"]
-    for peer in ("diffusers", "naive-original"):
-        r = paired_ratio(times[peer], ours)
-        rows.append(row("dpt_engine", "speedup", r, "x", baseline=peer, ratio=r))
-    for name in ("dpt_engine", "diffusers"):
+    nfe = args.steps
+    for name in ("dpt_engine", "dpt_engine-fused", "diffusers"):
         frac = 1.0 - paired_ratio(fwd, times[name])
         outside = statistics.median(a - b for a, b in zip(times[name], fwd))
         rows.append(
             row(name, "outside_forward_fraction", frac, "fraction", baseline="network-forward", ratio=frac)
         )
         rows.append(
-            row(name, "outside_forward_ms_per_step", 1e3 * outside / nfe, "ms", baseline="network-forward")
+            row(name, "outside_forward_ms_per_step", ms(outside) / nfe, "ms", baseline="network-forward")
         )
-    rows.append(row("dpt_engine", "rel_diff", rel_peer, "rel_l2", baseline="diffusers"))
-    rows.append(row("dpt_engine", "rel_diff", rel_naive, "rel_l2", baseline="naive-original"))
+    for name in LOOP_VARIANTS:
+        s = summarize(loop_times[name])
+        rows.append(
+            row(
+                name,
+                "solver_loop_ms_per_step",
+                ms(s["p50"]) / nfe,
+                "ms",
+                p20=ms(s["p20"]) / nfe,
+                p80=ms(s["p80"]) / nfe,
+            )
+        )
+    for name in ("dpt_engine", "dpt_engine-fused"):
+        r = paired_ratio(loop_times["diffusers"], loop_times[name])
+        rows.append(row(name, "solver_loop_speedup", r, "x", baseline="diffusers", ratio=r))
+    for name in ("dpt_engine", "diffusers"):
+        s = summarize(loop_times[f"{name}-setup"])
+        rows.append(row(name, "setup_ms", ms(s["p50"]), "ms", p20=ms(s["p20"]), p80=ms(s["p80"])))
+    rows.append(row("dpt_engine", "rel_diff", rel["diffusers"], "rel_l2", baseline="diffusers"))
+    rows.append(row("dpt_engine", "rel_diff", rel["naive-original"], "rel_l2", baseline="naive-original"))
+    rows.append(row("dpt_engine-fused", "rel_diff", rel["dpt_engine-fused"], "rel_l2", baseline="dpt_engine"))
     return rows
 
 
@@ -275,10 +380,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print_table(rows)
     write_rows(json_path, rows)
     title = (
-        f"Guided DPM-Solver++(2M) sampling, {args.model}, batch {args.batch}, {args.steps} steps, "
-        f"w={args.scale}, fp32\n(median of {args.repeats} interleaved repeats; p20-p80 bars)"
+        f"Guided DPM-Solver++(2M), {args.model}, batch {args.batch}, {args.steps} steps, w={args.scale}, "
+        f"fp32 (medians of {args.repeats} / {rows[0].config['loop_repeats']} interleaved repeats, p20-p80)"
     )
-    bar_chart(rows, png_path, title, metric="throughput", muted=("network-forward",))
+    bar_chart(
+        rows,
+        png_path,
+        title,
+        metric=("throughput", "solver_loop_ms_per_step"),
+        muted=("network-forward",),
+    )
     print(f"wrote {json_path} and {png_path}")
     return [r.to_dict() for r in rows]
 

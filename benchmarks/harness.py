@@ -260,40 +260,44 @@ def bar_chart(
     rows: Iterable[Row | Mapping[str, Any]],
     path_png: str | os.PathLike,
     title: str,
-    metric: str = "throughput",
+    metric: str | Sequence[str] = "throughput",
     muted: Sequence[str] = (),
 ) -> None:
     """Bar chart of ``metric`` per variant (error bars from ``p20``/``p80`` where present),
-    written atomically as a PNG with matplotlib's Agg backend. Variants named in ``muted``
-    (reference floors rather than competitors) are drawn in grey."""
+    written atomically as a PNG with matplotlib's Agg backend. Several metrics give one panel
+    each, side by side. Variants named in ``muted`` (reference floors rather than competitors)
+    are drawn in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sel = [d for d in (_as_dict(r) for r in rows) if d.get("metric") == metric]
-    if not sel:
-        raise ValueError(f"no rows with metric {metric!r} to plot")
-    names = [d["variant"] for d in sel]
-    values = [float(d["value"]) for d in sel]
-    lo = [max(0.0, v - d["p20"]) if d.get("p20") is not None else 0.0 for v, d in zip(values, sel)]
-    hi = [max(0.0, d["p80"] - v) if d.get("p80") is not None else 0.0 for v, d in zip(values, sel)]
-    fig, ax = plt.subplots(figsize=(1.6 * len(sel) + 2.5, 3.8), layout="constrained")
-    colors = ["#A0A0A0" if n in muted else "#4C72B0" for n in names]
-    bars = ax.bar(names, values, yerr=[lo, hi], capsize=4, color=colors)
-    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3)
-    ax.set_ylabel(f"{metric} ({sel[0].get('unit', '')})")
-    ax.set_title(title, fontsize=10)
-    ax.margins(y=0.15)
-    ax.text(
-        1.0,
-        -0.18,
-        f"{sel[0].get('device')} | torch {sel[0].get('torch')} | {sel[0].get('commit')}",
-        transform=ax.transAxes,
-        ha="right",
-        fontsize=7,
-        color="gray",
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    dicts = [_as_dict(r) for r in rows]
+    panels = []
+    for m in metrics:
+        sel = [d for d in dicts if d.get("metric") == m and d.get("baseline") is None]
+        if not sel:
+            raise ValueError(f"no rows with metric {m!r} to plot")
+        panels.append((m, sel))
+    widths = [1.5 * len(sel) + 1.5 for _, sel in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(sum(widths), 4.2), width_ratios=widths, layout="constrained", squeeze=False
     )
+    for ax, (m, sel) in zip(axes[0], panels):
+        names = [d["variant"] for d in sel]
+        values = [float(d["value"]) for d in sel]
+        lo = [max(0.0, v - d["p20"]) if d.get("p20") is not None else 0.0 for v, d in zip(values, sel)]
+        hi = [max(0.0, d["p80"] - v) if d.get("p80") is not None else 0.0 for v, d in zip(values, sel)]
+        colors = ["#A0A0A0" if n in muted else "#4C72B0" for n in names]
+        bars = ax.bar(names, values, yerr=[lo, hi], capsize=4, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3)
+        ax.set_ylabel(f"{m} ({sel[0].get('unit', '')})")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.margins(y=0.15)
+    first = panels[0][1][0]
+    footer = f"{first.get('device')} | torch {first.get('torch')} | commit {first.get('commit')}"
+    fig.suptitle(f"{title}\n{footer}", fontsize=9)
     with atomic_path(path_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

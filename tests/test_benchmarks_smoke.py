@@ -41,7 +41,7 @@ def test_summarize_and_paired_ratio() -> None:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= notice inside diffusers
 def test_sampler_benchmark_writes_rows_and_outputs_agree(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    from benchmarks.bench_sampler import VARIANTS, main
+    from benchmarks.bench_sampler import LOOP_VARIANTS, VARIANTS, main
 
     out_json, out_png = tmp_path / "rows.json", tmp_path / "chart.png"
     # one thread: a multi-threaded pool slows down badly when other jobs share the 2 cores
@@ -56,7 +56,7 @@ def test_sampler_benchmark_writes_rows_and_outputs_agree(tmp_path: Path) -> None
         assert tuple(r) == ROW_FIELDS
         assert r["benchmark"] == "sampler" and r["variant"] in VARIANTS
         assert isinstance(r["value"], float) and isinstance(r["unit"], str) and r["unit"]
-        assert r["config"]["batch"] == 4 and r["config"]["steps"] == 3
+        assert r["config"]["batch"] == 4 and r["config"]["steps"] == 3 and r["config"]["threads"] == 1
         assert r["device"] and r["torch"] and r["commit"] and r["timestamp"]
 
     by_key = {(r["variant"], r["metric"], r["baseline"]): r for r in rows}
@@ -64,12 +64,24 @@ def test_sampler_benchmark_writes_rows_and_outputs_agree(tmp_path: Path) -> None
         tp, lat = by_key[v, "throughput", None], by_key[v, "seconds_per_batch", None]
         assert tp["value"] > 0 and tp["p20"] <= tp["value"] <= tp["p80"]
         assert lat["p20"] <= lat["value"] <= lat["p80"]
-    for peer in ("diffusers", "naive-original"):
-        sp = by_key["dpt_engine", "speedup", peer]
+    for v in LOOP_VARIANTS:
+        loop = by_key[v, "solver_loop_ms_per_step", None]
+        assert 0 < loop["p20"] <= loop["value"] <= loop["p80"]
+    for v, peer in [
+        ("dpt_engine", "diffusers"),
+        ("dpt_engine", "naive-original"),
+        ("dpt_engine-fused", "diffusers"),
+        ("dpt_engine-fused", "naive-original"),
+        ("dpt_engine-fused", "dpt_engine"),
+    ]:
+        sp = by_key[v, "speedup", peer]
         assert sp["ratio"] == sp["value"] > 0
-    assert ("dpt_engine", "outside_forward_fraction", "network-forward") in by_key
-    assert ("diffusers", "outside_forward_fraction", "network-forward") in by_key
+    for v in ("dpt_engine", "dpt_engine-fused", "diffusers"):
+        assert (v, "outside_forward_fraction", "network-forward") in by_key
+    assert by_key["dpt_engine", "setup_ms", None]["value"] > 0
+    assert by_key["diffusers", "setup_ms", None]["value"] > 0
 
     # the engine and diffusers integrate the same ODE on the same grid: fp32-level agreement
     assert by_key["dpt_engine", "rel_diff", "diffusers"]["value"] < 1e-4
     assert by_key["dpt_engine", "rel_diff", "naive-original"]["value"] < 1e-4
+    assert by_key["dpt_engine-fused", "rel_diff", "dpt_engine"]["value"] < 1e-5
