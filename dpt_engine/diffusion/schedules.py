@@ -21,6 +21,7 @@ float becomes a float64 tensor); the sampler builds its coefficient table in flo
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -66,26 +67,26 @@ def make_betas(
     raise ValueError(f"unknown beta schedule {kind!r}; expected 'linear' or 'scaled_linear'")
 
 
-class NoiseSchedule:
+class NoiseSchedule(ABC):
     """Shared VP maths; subclasses define ``marginal_log_mean_coeff``, ``inverse_lambda``,
     ``network_time`` and ``sample_time``."""
 
     T: float = 1.0
     eps_t: float
 
-    def marginal_log_mean_coeff(self, t: TensorLike) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def marginal_log_mean_coeff(self, t: TensorLike) -> torch.Tensor: ...
 
-    def inverse_lambda(self, lamb: TensorLike) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def inverse_lambda(self, lamb: TensorLike) -> torch.Tensor: ...
 
-    def network_time(self, t: TensorLike) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def network_time(self, t: TensorLike) -> torch.Tensor: ...
 
+    @abstractmethod
     def sample_time(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    ) -> torch.Tensor: ...
 
     def marginal_alpha(self, t: TensorLike) -> torch.Tensor:
         """``alpha_t = exp(log alpha_t)``."""
