@@ -32,7 +32,11 @@ def plot_history(history: list[dict], path: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    acc = [(r["step"], r["test_top1"]) for r in rows if r.get("test_top1") is not None]
+    mask = [(r["step"], 100 * r["mask_rate"]) for r in rows if r.get("mask_rate") is not None]
+    panels = 2 if (acc or mask) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    ax1 = axes[0, 0]
     for key, label in (("loss", "total"), ("loss_x", "labeled"), ("loss_u", "unlabeled")):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
@@ -42,16 +46,16 @@ def plot_history(history: list[dict], path: Path, title: str) -> bool:
     ax1.set_yscale("log")
     ax1.legend()
     ax1.set_title(f"{title}: training loss")
-    acc = [(r["step"], r["test_top1"]) for r in rows if r.get("test_top1") is not None]
-    if acc:
-        ax2.plot(*zip(*acc), marker="o", label="test top-1 (EMA)")
-    mask = [(r["step"], 100 * r["mask_rate"]) for r in rows if r.get("mask_rate") is not None]
-    if mask:
-        ax2.plot(*zip(*mask), alpha=0.6, label="pseudo-label mask rate (%)")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("%")
-    ax2.legend()
-    ax2.set_title(f"{title}: accuracy")
+    if panels == 2:
+        ax2 = axes[0, 1]
+        if acc:
+            ax2.plot(*zip(*acc), marker="o", label="test top-1 (EMA)")
+        if mask:
+            ax2.plot(*zip(*mask), alpha=0.6, label="pseudo-label mask rate (%)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("%")
+        ax2.legend()
+        ax2.set_title(f"{title}: accuracy")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -128,7 +132,7 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
 
     plots = out / "plots"
     made = []
-    for name in ("stage1", "stage3"):
+    for name in ("stage1", "stage2", "stage3"):
         hist = out / name / "history.json"
         if hist.is_file() and plot_history(read_json(hist), plots / f"{name}_curves.png", name):
             made.append(f"plots/{name}_curves.png")
