@@ -1,0 +1,167 @@
+"""Reading, validating and exporting U-ViT checkpoints.
+
+``UViT``'s state-dict keys match the original U-ViT repository's ``nnet.pth`` / ``nnet_ema.pth``,
+so released checkpoints load directly. Files are read safely: safetensors, or ``torch.load`` with
+``weights_only=True`` (never unpickling arbitrary objects). Every failure raises
+:class:`CheckpointError` with the path, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpt_engine.utils.io import atomic_path, atomic_torch_save
+
+__all__ = [
+    "CheckpointError",
+    "export_uvit_checkpoint",
+    "load_uvit_checkpoint",
+    "read_state_dict",
+]
+
+_WRAPPER_KEYS = ("model", "state_dict", "ema", "nnet")
+_PREFIXES = ("module.", "_orig_mod.")
+_SHOW = 10
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # e.g. {"state_dict": {"model": {...}}}
+        if _is_tensor_dict(obj):
+            break
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not _is_tensor_dict(obj):
+        kind = type(obj).__name__
+        keys = sorted(map(str, obj))[:_SHOW] if isinstance(obj, dict) else []
+        raise CheckpointError(
+            f"{path}: does not hold a state dict of tensors (got {kind}"
+            + (f" with keys {keys}" if keys else "")
+            + f"); expected a plain state dict or one wrapped under one of {list(_WRAPPER_KEYS)}. "
+            "Fix: save the model's state_dict() (e.g. with export_uvit_checkpoint)."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = str(key)
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix) :], True
+        out[name] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors in ``path`` (``.safetensors`` or a torch pickle), unwrapped from a
+    ``model``/``state_dict``/``ema``/``nnet`` dict and with ``module.`` prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint file not found. Fix: check the path (e.g. the nnet_ema.pth of the "
+            "released U-ViT checkpoint directory) or download the checkpoint first."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError
+            raise CheckpointError(
+                f"{path}: safetensors file is truncated or corrupt ({type(exc).__name__}: {exc}). "
+                "Fix: re-download or re-export the checkpoint."
+            ) from exc
+        return _unwrap(obj, path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc).lower()
+        if "unsupported global" in text or "allowed global" in text or "unsupported class" in text:
+            raise CheckpointError(
+                f"{path}: the pickle contains arbitrary Python objects, which are refused "
+                "(only tensors and plain containers are loaded, weights_only=True). Fix: from a "
+                "trusted source, re-save only the weights, e.g. torch.save(model.state_dict(), path) "
+                "or export_uvit_checkpoint(...) to .safetensors."
+            ) from exc
+        raise CheckpointError(
+            f"{path}: checkpoint is truncated or corrupt (UnpicklingError: {exc}). "
+            "Fix: re-download or re-export the checkpoint."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc}). "
+            "Fix: re-download or re-export the checkpoint (an interrupted copy leaves a partial file)."
+        ) from exc
+    return _unwrap(obj, path)
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_SHOW]
+    more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return f"  {title} ({len(items)}): " + ", ".join(shown) + more
+
+
+def load_uvit_checkpoint(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load ``path`` into ``net`` after checking that keys and shapes match exactly."""
+    state = read_state_dict(path)
+    expected = net.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{path}: checkpoint does not fit the model ({type(net).__name__})."]
+        if missing:
+            lines.append(_listing("missing keys", missing))
+        if unexpected:
+            lines.append(_listing("unexpected keys", unexpected))
+        if shapes:
+            lines.append(_listing("shape differences", shapes))
+        cfg = getattr(net, "cfg", None)
+        if cfg is not None:
+            lines.append(f"  model config: {cfg}")
+        lines.append(
+            "  Fix: check the preset (uvit-h2 vs uvit-l2: embed_dim/depth, conv final layer), img_size "
+            "and patch_size (pos_embed / patch_embed shapes), in_chans, and num_classes / null_class "
+            "(label_emb rows: 1001 for ImageNet with the null class, 1000 for released checkpoints "
+            "with null_class=False; num_classes=0 for unconditional models), e.g. "
+            "create_uvit('uvit-m4', null_class=False)."
+        )
+        raise CheckpointError("\n".join(lines))
+    net.load_state_dict(state, strict=True)
+
+
+def export_uvit_checkpoint(net: nn.Module, path: str | os.PathLike, format: str = "pth") -> None:
+    """Write ``net``'s weights atomically: ``"pth"`` = a plain state dict saved with ``torch.save``
+    (the original ``nnet_ema.pth`` format), or ``"safetensors"``."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    if format == "pth":
+        atomic_torch_save(path, state)
+    elif format == "safetensors":
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
+    else:
+        raise ValueError(f"format must be 'pth' or 'safetensors', got {format!r}")
