@@ -299,6 +299,7 @@ def _fid(ctx: StageContext, splits: DatasetSplits, generated: torch.Tensor) -> d
         kid=True,
         weights=scfg.fid_weights,
         device=str(ctx.device),
+        cache=ctx.out / "fid_cache",  # the real set's Inception statistics, reused across runs
     )
     return {
         "fid": m.get("fid"),
