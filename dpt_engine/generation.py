@@ -135,8 +135,8 @@ def generate(
     classes, indices = work_list(num_classes, per_class)
     done = writer.done()
     if done:
-        todo = torch.tensor([(int(c), int(i)) not in done for c, i in zip(classes, indices)])
-        classes, indices = classes[todo], indices[todo]
+        pending = torch.tensor([(int(c), int(i)) not in done for c, i in zip(classes, indices)])
+        classes, indices = classes[pending], indices[pending]
         log.info("generation: %d images already on disk, %d to go", len(done), len(classes))
     t_model = t_write = 0.0
     bar = tqdm(total=len(classes), desc="generating", unit="img", disable=not progress, dynamic_ncols=True)
