@@ -85,3 +85,19 @@ def test_sampler_benchmark_writes_rows_and_outputs_agree(tmp_path: Path) -> None
     assert by_key["dpt_engine", "rel_diff", "diffusers"]["value"] < 1e-4
     assert by_key["dpt_engine", "rel_diff", "naive-original"]["value"] < 1e-4
     assert by_key["dpt_engine-fused", "rel_diff", "dpt_engine"]["value"] < 1e-5
+
+
+def test_run_all_quick_writes_every_benchmark(tmp_path):
+    """``run_all --quick`` runs each micro-benchmark and writes the combined JSON and markdown."""
+    import json
+
+    from benchmarks import run_all
+
+    rc = run_all.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    (json_file,) = tmp_path.glob("all_*.json")
+    assert (tmp_path / json_file.name.replace(".json", ".md")).is_file()
+    data = json.loads(json_file.read_text())
+    text = json.dumps(data)
+    for name in ("attention", "ema", "solver_step", "sampler"):
+        assert f'"{name}' in text, name
