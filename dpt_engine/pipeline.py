@@ -22,8 +22,9 @@ from .config.schema import PipelineConfig
 from .data import build_splits
 from .report import write_report
 from .stages.common import StageContext, environment_info, resolve_device, upstream_fingerprint
+from .stages.sample import run_sample
 from .stages.stage1 import run_stage1
-from .stages.stage2 import run_sample, run_stage2
+from .stages.stage2 import run_stage2
 from .stages.stage3 import run_stage3
 from .utils.io import atomic_write_text
 

@@ -251,14 +251,29 @@ def test_latent_space_stage2_and_sampling(tmp_path):
     ae_dir = tmp_path / "vae"
     LatentAutoencoder.from_config(in_channels=1, out_channels=1).save_pretrained(ae_dir)
     overrides = [
-        "stage1.steps=4", "stage1.batch_size=8", "stage1.uratio=1", "stage1.eval_every=4",
-        "stage1.checkpoint_every=4", f"stage2.autoencoder={ae_dir}", "stage2.hflip=true",
-        "stage2.steps=6", "stage2.batch_size=16", "stage2.log_every=3", "stage2.checkpoint_every=3",
-        "sample.images_per_class=2", "sample.steps=3", "sample.fid=false", "run.threads=1",
+        "stage1.steps=4",
+        "stage1.batch_size=8",
+        "stage1.uratio=1",
+        "stage1.eval_every=4",
+        "stage1.checkpoint_every=4",
+        f"stage2.autoencoder={ae_dir}",
+        "stage2.hflip=true",
+        "stage2.steps=6",
+        "stage2.batch_size=16",
+        "stage2.log_every=3",
+        "stage2.checkpoint_every=3",
+        "sample.images_per_class=2",
+        "sample.steps=3",
+        "sample.fid=false",
+        "run.threads=1",
     ]
     out = tmp_path / "run"
-    report = run_pipeline(resolve_config("digits", overrides=overrides), out, stages=("stage1", "stage2", "sample"),
-                          progress=False)
+    report = run_pipeline(
+        resolve_config("digits", overrides=overrides),
+        out,
+        stages=("stage1", "stage2", "sample"),
+        progress=False,
+    )
     lat = torch.load(out / "stage2" / "latents.pt", weights_only=True)
     assert lat["mean"].shape == (2 * 1297, 4, 4, 4)  # images + flips, 8px -> 4px latents
     assert json.loads((out / "stage2" / "summary.json").read_text())["latent_shape"] == [4, 4, 4]
