@@ -1,0 +1,119 @@
+"""Process-group helpers shared by the distributed trainer and the sharded sampler.
+
+Launchers (``torchrun``, the ``deepspeed`` launcher, SLURM wrappers that export the same
+variables) describe the job through ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. A plain
+``python``/``dpt`` call has none of them and runs as the single process of a world of one, with
+no process group: every helper below is then a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "barrier",
+    "broadcast_object",
+    "dist_info",
+    "init_distributed",
+    "is_main_process",
+    "main_process_first",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size: from the initialised process group, else from the launcher's env."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}: check the launcher's environment")
+    return DistInfo(rank=rank, world_size=world, local_rank=_env_int("LOCAL_RANK", rank))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group the launcher describes (idempotent); a world of one joins nothing.
+
+    ``backend`` defaults to ``nccl`` when CUDA is available and ``gloo`` otherwise. On CUDA the
+    process is pinned to ``cuda:LOCAL_RANK`` first.
+    """
+    info = dist_info()
+    if info.world_size == 1 or dist.is_initialized():
+        return info
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(
+                f"WORLD_SIZE={info.world_size} but {var} is not set: launch with torchrun "
+                "(e.g. `torchrun --nproc_per_node=N -m dpt_engine.cli ...`) or export it"
+            )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(
+        backend=backend,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return dist_info()
+
+
+def is_main_process() -> bool:
+    return dist_info().is_main
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (identity in a world of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. builds a cache), the other ranks after it finishes."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
