@@ -1,0 +1,83 @@
+"""The quality benchmark's driver: run plan, aggregation, and one shrunken end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks.quality.run_quality import aggregate, main, plan_runs
+from dpt_engine.utils.io import read_json
+
+
+def test_plan_runs_full_pipeline_extra_seeds_and_references():
+    runs = plan_runs([1, 4], seeds=[0], classifier_only_seeds=[0, 1], references=True)
+    names = [r["name"] for r in runs]
+    assert names == ["k1_s0", "k1_s1", "k4_s0", "k4_s1", "true_labels", "unconditional"]
+    full = {r["name"]: r for r in runs}
+    assert full["k1_s0"]["stages"] == ["stage1", "stage2", "sample", "stage3"]
+    assert full["k1_s1"]["stages"] == ["stage1"]  # seed 0 is not duplicated as a classifier-only run
+    assert "data.labels_per_class=4" in full["k4_s1"]["overrides"]
+    assert "data.seed=1" in full["k4_s1"]["overrides"]
+    assert full["true_labels"]["overrides"][0] == "stage2.label_source=true"
+    assert full["unconditional"]["stages"] == ["stage2", "sample"]
+
+
+def test_aggregate_means_and_sample_std_over_seeds():
+    recs = [
+        {"kind": "dpt", "labels_per_class": 2, "metrics": {"stage1.top1": 50.0, "stage3.gain": 1.0}},
+        {"kind": "stage1-only", "labels_per_class": 2, "metrics": {"stage1.top1": 60.0}},
+        {"kind": "reference-true", "labels_per_class": None, "metrics": {"generation.fid": 12.5}},
+    ]
+    agg = aggregate(recs)
+    s1 = agg["by_labels_per_class"][2]["stage1_top1"]
+    assert s1["mean"] == 55.0 and s1["n"] == 2
+    assert s1["std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
+    assert agg["by_labels_per_class"][2]["stage3_gain"]["std"] is None  # one value: no std
+    assert agg["reference_fid"] == {"true": 12.5}
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_results_and_resumes(tmp_path):
+    """The whole loop on the digits preset, shrunk: results agree with each run's own report."""
+    results = tmp_path / "results"
+    argv = [
+        "--preset",
+        "digits",
+        "--scale",
+        "smoke",
+        "--labels",
+        "1",
+        "--seeds",
+        "0",
+        "--classifier-only-seeds",
+        "1",
+        "--no-references",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--set",
+        "data.max_train=300",
+        "sample.images_per_class=4",
+        "sample.fid_num_images=16",
+    ]
+    assert main(argv) == 0
+    out = read_json(results / "quality_fashion_mnist.json")
+    assert out["meta"]["complete"] and out["meta"]["scale"] == "smoke"
+    by_name = {r["name"]: r for r in out["runs"]}
+    assert set(by_name) == {"k1_s0", "k1_s1"}
+    report = json.loads((tmp_path / "runs" / "k1_s0" / "report.json").read_text())
+    assert by_name["k1_s0"]["metrics"]["stage3.top1"] == report["metrics"]["stage3.top1"]
+    agg = out["aggregate"]["by_labels_per_class"]["1"]
+    assert agg["stage1_top1"]["n"] == 2
+    assert agg["stage3_top1"]["n"] == 1 and agg["fid_pseudo"]["mean"] > 0
+    assert (results / "quality_fashion_mnist.png").stat().st_size > 1000
+    assert "| 1 |" in (results / "quality_fashion_mnist.md").read_text()
+    # a second call finds every stage done and only re-reads the reports
+    assert main(argv) == 0
+    again = read_json(results / "quality_fashion_mnist.json")
+    assert again["aggregate"] == out["aggregate"]
+    assert all(r["wall_time_this_call_s"] < 30 for r in again["runs"])
