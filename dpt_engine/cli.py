@@ -2,6 +2,7 @@
 
     dpt run     [--preset NAME | --config FILE] [--out DIR] [key=value ...]   all stages
     dpt stage1  [...]                                                         one stage
+    dpt sample  [--checkpoint PATH] [...]                                     pseudo images + FID
     dpt stage3  [...]
     dpt presets                                                               list presets
     dpt config  [--preset NAME | --config FILE] [key=value ...]               print the resolved config
@@ -22,6 +23,7 @@ import yaml
 from .config.base import ConfigError, to_dict
 from .config.presets import PRESETS, list_presets, resolve_config
 from .data import DataError
+from .models.checkpoints import CheckpointError
 
 __all__ = ["main"]
 
@@ -37,15 +39,49 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool = True) -> None:
     )
 
 
+_STAGE2_EPILOG = """\
+training at scale (every rank runs the same command; rank 0 writes the artifacts):
+  one machine, 8 GPUs:
+    torchrun --nproc_per_node=8 -m dpt_engine.cli stage2 --out runs/in1k \\
+        stage2.backend=ddp stage2.precision=bf16 stage2.batch_size=1024
+  several machines (run on each, NODE_RANK = 0..N-1, HOST = the first machine):
+    torchrun --nnodes=N --node_rank=NODE_RANK --nproc_per_node=8 \\
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=dpt \\
+        -m dpt_engine.cli stage2 --out /shared/runs/in1k stage2.backend=fsdp2 ...
+  the DeepSpeed launcher (hostfile lists the machines):
+    deepspeed --hostfile=hostfile --module dpt_engine.cli stage2 --out /shared/runs/in1k \\
+        stage2.backend=deepspeed stage2.zero_stage=2 stage2.precision=bf16
+  options: stage2.grad_accum=K, stage2.grad_checkpointing=true, stage2.compile=true,
+    stage2.offload_optimizer=true (deepspeed), stage2.tensorboard=true; stage2.batch_size is the
+    global batch (a multiple of world size x grad_accum). The run directory must be on a file
+    system every rank sees. Re-run the same command to resume from stage2/checkpoints/.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpt", description="Dual Pseudo Training engine")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_common(sub.add_parser("run", help="run the whole DPT pipeline (skips finished stages)"))
     _add_common(sub.add_parser("stage1", help="stage 1: semi-supervised classifier -> pseudo-labels"))
     _add_common(
-        sub.add_parser("stage2", help="stage 2: train the class-conditional U-ViT on the pseudo-labels")
+        sub.add_parser(
+            "stage2",
+            help="stage 2: train the class-conditional U-ViT on the pseudo-labels",
+            description="Train the class-conditional U-ViT on the pseudo-labels. One process by default; "
+            "set stage2.backend=ddp|fsdp2|deepspeed (stage2.zero_stage=0..3) and launch every rank with "
+            "the same command to train across processes and machines.",
+            epilog=_STAGE2_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     )
-    _add_common(sub.add_parser("sample", help="generate pseudo images (DPM-Solver++, guidance) and FID"))
+    sample = sub.add_parser("sample", help="generate pseudo images (DPM-Solver++, guidance) and FID")
+    sample.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="U-ViT weights to sample from instead of stage 2's (an original nnet_ema.pth, our "
+        "stage2/model.pt or .safetensors); same as sample.checkpoint=PATH",
+    )
+    _add_common(sample)
     _add_common(sub.add_parser("stage3", help="stage 3: retrain the classifier on real + pseudo images"))
     sub.add_parser("presets", help="list the named presets")
     _add_common(sub.add_parser("config", help="print the fully resolved config as YAML"), with_out=False)
@@ -64,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = resolve_config(args.preset, args.config, args.overrides)
+        if getattr(args, "checkpoint", None):  # set directly: any path, no YAML parsing of the value
+            cfg.sample.checkpoint = str(Path(args.checkpoint).expanduser().resolve())
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
@@ -84,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 yaml.safe_dump({res.name: {k: v for k, v in res.summary.items() if not isinstance(v, dict)}})
             )
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"dpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,11 @@ generated does not depend on the batch size or the order of the work list. Batch
 so there is no per-class padding. A writer receives uint8 images with their (class, index) and
 must make each write atomic; ``ImageFolderWriter`` writes ``<class folder>/<c>_<i>.png`` and
 skips pairs already on disk, so an interrupted generation resumes.
+
+This is the small single-process API (and the helpers ``to_uint8``, ``clip_denoised_fn``,
+``save_grid``). The sample stage generates through ``dpt_engine.sampling`` instead: shards as
+the unit of work and resume, many processes, background encoding, tar / ImageFolder / latent
+output, a manifest with a throughput breakdown.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dpt_engine.models.autoencoder import (
     LatentAutoencoder,
     load_autoencoder,
 )
+from dpt_engine.models.checkpoints import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,8 @@ def test_missing_paths_raise_clear_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(AutoencoderNotFoundError, match=r"no config\.json"):
         load_autoencoder(tmp_path / "empty")
-    (tmp_path / "weights.pth").write_bytes(b"")
-    with pytest.raises(AutoencoderNotFoundError, match="is a file"):
+    (tmp_path / "weights.pth").write_bytes(b"")  # a file is read as an ldm-format checkpoint
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_autoencoder(tmp_path / "weights.pth")
 
 

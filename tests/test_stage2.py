@@ -13,6 +13,7 @@ import torch
 from dpt_engine.config.presets import resolve_config
 from dpt_engine.config.schema import DiffusionConfig
 from dpt_engine.data import FolderImageDataset, build_splits
+from dpt_engine.data.latent_store import LatentStore
 from dpt_engine.diffusion.dpm_solver import DPMSolverPP
 from dpt_engine.diffusion.guidance import cfg_eps_fn
 from dpt_engine.diffusion.noise import initial_noise
@@ -274,8 +275,10 @@ def test_latent_space_stage2_and_sampling(tmp_path):
         stages=("stage1", "stage2", "sample"),
         progress=False,
     )
-    lat = torch.load(out / "stage2" / "latents.pt", weights_only=True)
-    assert lat["mean"].shape == (2 * 1297, 4, 4, 4)  # images + flips, 8px -> 4px latents
+    store = LatentStore(out / "stage2" / "latents")  # the memory-mapped latent store
+    assert store.complete and store.latents.shape == (2 * 1297, 2, 4, 4, 4)  # images + flips, mean/logvar
+    summary = json.loads((out / "stage2" / "summary.json").read_text())
+    assert summary["latent_rows"] == 2 * 1297 and "unreadable_images_skipped" not in summary
     assert json.loads((out / "stage2" / "summary.json").read_text())["latent_shape"] == [4, 4, 4]
     imgs = list((out / "sample" / "samples").rglob("*.png"))
     assert len(imgs) == 20

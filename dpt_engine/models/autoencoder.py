@@ -11,7 +11,8 @@ can store the moments once and draw a fresh latent per epoch with :meth:`sample`
 
 :class:`LatentAutoencoder` wraps a diffusers ``AutoencoderKL``; :class:`IdentityAutoencoder` has the
 same interface with no compression, so pixel-space and latent-space stage-2 code are the same code.
-Use :func:`load_autoencoder` to build either from a config string. diffusers is imported lazily (it
+Use :func:`load_autoencoder` to build either from a config string (a diffusers directory, or the
+original ldm-format ``autoencoder_kl.pth`` of U-ViT / DPT through ``models/sd_autoencoder.py``). diffusers is imported lazily (it
 belongs to the ``[diffusion]`` extra).
 """
 
@@ -277,8 +278,11 @@ def load_autoencoder(spec: str | os.PathLike, **kwargs: Any) -> BaseAutoencoder:
     """Build the stage-2 autoencoder named by a config string.
 
     ``"identity"`` / ``"none"`` / ``"pixel"`` -> :class:`IdentityAutoencoder`; a directory ->
-    :meth:`LatentAutoencoder.from_pretrained_dir` (``kwargs`` are passed on). Anything else is an error
-    naming the path.
+    :meth:`LatentAutoencoder.from_pretrained_dir`; a file -> the Stable Diffusion KL autoencoder in
+    the original ldm format used by U-ViT / DPT (``autoencoder_kl.pth``, ``autoencoder_kl_ema.pth``,
+    ``.safetensors`` or a full SD ``.ckpt``; :func:`~dpt_engine.models.sd_autoencoder.load_ldm_autoencoder`).
+    ``kwargs`` (``scale_factor``, ``torch_dtype``, ``freeze``) are passed on. Anything else is an
+    error naming the path.
     """
     s = str(spec)
     if s.lower() in IDENTITY_SPECS:
@@ -286,12 +290,12 @@ def load_autoencoder(spec: str | os.PathLike, **kwargs: Any) -> BaseAutoencoder:
     p = Path(s).expanduser()
     if p.is_dir():
         return LatentAutoencoder.from_pretrained_dir(p, **kwargs)
-    if p.exists():
-        raise AutoencoderNotFoundError(
-            f"autoencoder spec {s!r} is a file; expected a diffusers AutoencoderKL directory "
-            f"(config.json + weights) or one of {IDENTITY_SPECS}"
-        )
+    if p.is_file():
+        from .sd_autoencoder import load_ldm_autoencoder
+
+        return load_ldm_autoencoder(p, **kwargs)
     raise AutoencoderNotFoundError(
-        f"autoencoder not found: {s!r} does not exist. Pass a local diffusers AutoencoderKL directory "
-        f"(config.json + weights) or one of {IDENTITY_SPECS} for pixel space"
+        f"autoencoder not found: {s!r} does not exist. Pass the original Stable Diffusion KL autoencoder "
+        "file (e.g. assets/stable-diffusion/autoencoder_kl_ema.pth), a local diffusers AutoencoderKL "
+        f"directory (config.json + weights) or one of {IDENTITY_SPECS} for pixel space"
     )

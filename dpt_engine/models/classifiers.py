@@ -15,6 +15,8 @@ Names (``list_classifiers()`` gives the built-in ones):
   2016; Sohn et al. 2020): pre-activation basic blocks, leaky ReLU 0.1.
 * ``timm:<model>``: any timm architecture, random init (``pretrained=False``); ``img_size`` is
   passed to models that accept it, other keyword arguments are forwarded to ``timm.create_model``.
+* ``msn:<arch>``: an MSN ViT encoder (``vit_base_patch4`` = ViT-B/4, ``vit_large_patch7`` = ViT-L/7,
+  ...; ``models/msn.py``) as a timm ViT with MSN's input normalisation and evaluation crop.
 """
 
 from __future__ import annotations
@@ -286,9 +288,14 @@ def create_classifier(
         raise ValueError(f"bad classifier shape: {num_classes=} {in_chans=} {image_size=}")
     if name.startswith("timm:"):
         return _create_timm(name[len("timm:") :], num_classes, in_chans, image_size, **kwargs)
+    if name.startswith("msn:"):  # MSN ViT encoders (DPT's ImageNet stage 1), models/msn.py
+        from .msn import create_msn_classifier
+
+        return create_msn_classifier(name[len("msn:") :], num_classes, in_chans, image_size, **kwargs)
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown classifier {name!r}; valid: {', '.join(list_classifiers())}, or timm:<model>"
+            f"unknown classifier {name!r}; valid: {', '.join(list_classifiers())}, timm:<model>, "
+            "or msn:<arch>"
         )
     return _REGISTRY[name](num_classes, in_chans, image_size, **kwargs)
 

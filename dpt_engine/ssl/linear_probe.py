@@ -298,7 +298,11 @@ def build_probe_backbone(
             raise ValueError("the 'pixels' backbone takes no probe_checkpoint")
         return PixelFeatures(in_chans, image_size)
     backbone = create_classifier(name, num_classes, in_chans, image_size)
-    if checkpoint:
+    if checkpoint and name.startswith("msn:"):  # MSN .pth.tar: target_encoder, exact key/shape checks
+        from ..models.msn import load_msn_checkpoint
+
+        load_msn_checkpoint(backbone, checkpoint)
+    elif checkpoint:
         load_backbone_weights(backbone, checkpoint)
     return backbone
 

@@ -5,6 +5,9 @@ A stage's directory holds ``fingerprint.json`` (written when the stage starts) a
 ``done.json`` carries the fingerprint of the current config; a stage started under another
 config is moved aside to ``<stage>.stale-<fingerprint>`` (never deleted) before it restarts.
 Inside a stage, training writes checkpoints so a killed run resumes where it stopped.
+
+Under ``torchrun`` every rank calls the same stage functions; ``run_stage`` keeps the
+bookkeeping on rank 0 (see its docstring).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 from ..config.schema import PipelineConfig
+from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_write_json, read_json, stable_hash
 
 log = logging.getLogger("dpt_engine")
@@ -103,34 +107,55 @@ def run_stage(
     name: str,
     fingerprint_inputs: dict[str, Any],
     body: Callable[[Path], dict[str, Any]],
+    distributed: bool = False,
 ) -> StageResult:
-    """Run ``body(stage_dir) -> summary`` unless a finished run with the same inputs exists."""
+    """Run ``body(stage_dir) -> summary`` unless a finished run with the same inputs exists.
+
+    Rank-aware under a multi-process launcher (``torchrun``): rank 0 alone decides whether the
+    stage is up to date, sets an old directory aside and writes ``fingerprint.json`` and
+    ``done.json``; the other ranks wait (at barriers, or for ``done.json``) and get rank 0's summary. A ``distributed``
+    body runs on every rank (it splits the work itself, e.g. the stage-2 trainer); otherwise only
+    rank 0 runs it. In a world of one this is the plain single-process flow.
+    """
     fingerprint = stable_hash(fingerprint_inputs)
     stage_dir = ctx.stage_dir(name)
-    record = stage_done(stage_dir, fingerprint)
+    main = dist_info().is_main
+    record = broadcast_object(stage_done(stage_dir, fingerprint) if main else None)
     if record is not None:
         log.info("%s: up to date (fingerprint %s), skipping", name, fingerprint)
         return StageResult(name, record["summary"], True, float(record.get("wall_time_s", 0.0)), fingerprint)
-    _set_aside(stage_dir, fingerprint)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "done.json").unlink(missing_ok=True)
-    atomic_write_json(
-        stage_dir / "fingerprint.json", {"fingerprint": fingerprint, "inputs": fingerprint_inputs}
-    )
-    log.info("%s: running in %s", name, stage_dir)
+    if main:
+        _set_aside(stage_dir, fingerprint)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "done.json").unlink(missing_ok=True)
+        atomic_write_json(
+            stage_dir / "fingerprint.json", {"fingerprint": fingerprint, "inputs": fingerprint_inputs}
+        )
+        log.info("%s: running in %s", name, stage_dir)
+    barrier()
     t0 = time.perf_counter()
-    summary = body(stage_dir)
+    if main or distributed:
+        summary = body(stage_dir)
+    else:
+        # Wait by watching the file system rather than in a collective: rank 0's body may run far
+        # longer than the process group's timeout (if rank 0 fails, the launcher stops this rank).
+        # This also works before any process group exists (e.g. stage 1 of `torchrun ... dpt run`).
+        while (record := stage_done(stage_dir, fingerprint)) is None:
+            time.sleep(2.0)
+        summary = record["summary"]
     wall = time.perf_counter() - t0
-    atomic_write_json(
-        stage_dir / "done.json",
-        {
-            "fingerprint": fingerprint,
-            "wall_time_s": wall,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "summary": summary,
-        },
-    )
-    log.info("%s: done in %.1f s", name, wall)
+    if main:
+        atomic_write_json(
+            stage_dir / "done.json",
+            {
+                "fingerprint": fingerprint,
+                "wall_time_s": wall,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "summary": summary,
+            },
+        )
+        log.info("%s: done in %.1f s", name, wall)
+    summary, wall = broadcast_object((summary, wall))
     return StageResult(name, summary, False, wall, fingerprint)
 
 

@@ -1,9 +1,18 @@
 """The ``sample`` stage: generate pseudo images with the stage-2 diffusion model.
 
 Generates ``sample.images_per_class`` images per class with DPM-Solver++ and batched
-classifier-free guidance into ``sample/samples/`` (ImageFolder tree + manifest), draws
-``sample/sample_grid.png`` (one row per class) and computes FID/KID against the real training
-images.
+classifier-free guidance through ``dpt_engine.sampling`` (sharded, resumable, multi-process:
+``torchrun --nproc_per_node=N -m dpt_engine.cli sample ...`` splits the shards over N processes),
+into ``sample/samples/`` (or ``sample.output_dir``) as an ImageFolder tree, WebDataset tar
+shards or raw latents, with a manifest holding the per-class counts and a throughput breakdown.
+Rank 0 then draws ``sample/sample_grid.png`` (one row per class) and computes FID/KID against
+the real training images, reading the generated images straight from the shards.
+
+Default format: ``imagefolder``. At the default presets' scale (a few thousand small images)
+a plain tree is what people browse and what ``stage3.pseudo_dir`` has always accepted; it is
+written shard by shard with the same records and resume as the other formats. For ImageNet
+scale (128k-1M+ images) choose ``sample.format=tar`` (few large files, sequential reads) or
+``latents``.
 """
 
 from __future__ import annotations
@@ -17,24 +26,33 @@ import torch
 from ..config.base import to_dict
 from ..data import DatasetSplits
 from ..diffusion.dpm_solver import DPMSolverPP
-from ..diffusion.guidance import cfg_eps_fn, doubled_eps_fn
-from ..diffusion.noise import initial_noise
 from ..diffusion.schedules import make_schedule
-from ..generation import ImageFolderWriter, clip_denoised_fn, generate, save_grid, to_uint8
-from ..kernels.solver_step import sample_multistep_fused, solver_step_table
+from ..generation import save_grid, to_uint8
+from ..sampling import BatchSampler, ShardDataset, ShardPlan, run_generation
+from ..utils.dist import dist_info, init_distributed
 from ..utils.io import atomic_write_json
 from .common import StageContext, StageResult, run_stage
 from .stage2 import load_diffusion_model, load_stage2_autoencoder
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["run_sample"]
+__all__ = ["EXECUTION_ONLY", "run_sample", "sample_output_dir"]
+
+# Settings that change how fast the images are made, not which images (beyond float rounding).
+EXECUTION_ONLY = ("batch_size", "writer_workers", "cuda_graph")
+
+
+def sample_output_dir(ctx: StageContext) -> Path:
+    out = ctx.cfg.sample.output_dir
+    return Path(out) if out else ctx.stage_dir("sample") / "samples"
 
 
 def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
     scfg = ctx.cfg.sample
+    init_distributed()  # joins the torchrun process group; a no-op for a single process
     d = to_dict(scfg)
-    d.pop("batch_size")  # output does not depend on it beyond float rounding
+    for key in EXECUTION_ONLY:
+        d.pop(key)
     fingerprint = {"sample": d, "stage2": upstream}
 
     def body(stage_dir: Path) -> dict[str, Any]:
@@ -47,81 +65,96 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             schedule, steps=scfg.steps, order=scfg.order, method=scfg.method, skip_type=scfg.skip_type
         )
         shape = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
-
-        clip = scfg.clip_denoised and ctx.cfg.stage2.autoencoder is None
-        fused = scfg.method == "multistep"  # one fused solver step per model call (kernel dispatch)
-        table = solver_step_table(solver, ctx.device) if fused else None
-
-        def sample_batch(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-            x_t = initial_noise(scfg.seed, c, i, shape, dtype=torch.float32, device=ctx.device)
-            y = c.to(ctx.device) if conditional else None
-            scale = scfg.guidance_scale if conditional else 0.0
-            if fused and not clip and scale != 0:
-                # the network returns [cond; uncond] for the doubled batch; guidance is fused
-                fn = doubled_eps_fn(net, y, num_classes, schedule)
-                x0 = sample_multistep_fused(solver, fn, x_t, guidance_scale=scale, table=table)
-            else:
-                fn = cfg_eps_fn(net, y, scale, num_classes if conditional else None, schedule)
-                if clip:
-                    fn = clip_denoised_fn(fn, schedule)
-                if fused:
-                    x0 = sample_multistep_fused(solver, fn, x_t, table=table)
-                else:
-                    x0 = solver.sample(fn, x_t)
-            return to_uint8(ae.decode(x0)).cpu()
-
-        root = ctx.stage_dir("sample") / "samples"
-        writer = ImageFolderWriter(root, splits.classes)
-        kept: list = []
-        stats = generate(
-            sample_batch,
-            writer,
+        pixel = ctx.cfg.stage2.autoencoder is None
+        sampler = BatchSampler(
+            net,
+            solver,
+            schedule,
+            shape,
             num_classes,
-            scfg.images_per_class,
-            scfg.batch_size,
+            conditional=conditional,
+            guidance_scale=scfg.guidance_scale,
+            seed=scfg.seed,
+            clip=scfg.clip_denoised and pixel,
+            decode=None if pixel else ae.decode,
+            output="latents" if scfg.format == "latents" else "images",
+            device=ctx.device,
+            precision=scfg.precision,
+            cuda_graph=scfg.cuda_graph,
+        )
+        out_dir = sample_output_dir(ctx)
+        gen_config = {
+            "stage2": upstream,
+            "checkpoint": getattr(scfg, "checkpoint", None),  # external weights (sample.checkpoint)
+            "steps": scfg.steps,
+            "order": scfg.order,
+            "method": scfg.method,
+            "skip_type": scfg.skip_type,
+            "guidance_scale": scfg.guidance_scale,
+            "clip_denoised": sampler.clip,
+            "precision": sampler.precision,
+            "latent_space": "pixel" if pixel else "autoencoder",
+            "autoencoder": ctx.cfg.stage2.autoencoder,
+            "latent_shape": list(shape),
+        }
+        manifest = run_generation(
+            sampler,
+            out_dir,
+            ShardPlan(num_classes, scfg.images_per_class, scfg.shard_size),
+            gen_config,
+            splits.classes,
+            format=scfg.format,
+            image_format=scfg.image_format,
+            jpeg_quality=scfg.jpeg_quality,
+            seed=scfg.seed,
+            batch_size=scfg.batch_size,
+            workers=scfg.writer_workers,
             progress=ctx.progress,
-            keep=kept,
+            extra={"latent_space": gen_config["latent_space"], "images_per_class": scfg.images_per_class},
         )
-        images, classes = _collect(kept, root, splits)
-        grid = ctx.stage_dir("sample") / "sample_grid.png"
-        save_grid(
-            images,
-            classes,
-            num_classes,
-            min(scfg.grid_per_class, scfg.images_per_class),
-            grid,
-            class_names=splits.classes,
-        )
+        tp = manifest["throughput"]
         summary: dict[str, Any] = {
-            "num_images": num_classes * scfg.images_per_class,
+            "num_images": manifest["num_images"],
             "images_per_class": scfg.images_per_class,
             "steps": scfg.steps,
             "order": scfg.order,
             "guidance_scale": scfg.guidance_scale,
-            **stats,
+            "format": scfg.format,
+            "output_dir": str(out_dir),
+            "world_size": tp["world_size"],
+            "generated": tp["generated"],
+            "skipped_existing": tp["skipped_existing"],
+            "images_per_s": tp["images_per_s"],
+            "seconds": tp["seconds"],
         }
+        if not dist_info().is_main:
+            return summary  # rank 0 draws the grid, computes FID and finishes the stage
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return to_uint8(ae.decode(z.to(ctx.device))).cpu()
+
+        ds = ShardDataset(out_dir, decode=None if pixel else decode)
+        per_row = min(scfg.grid_per_class, scfg.images_per_class)
+        pos = [ds.position(c, i) for c in range(num_classes) for i in range(per_row)]
+        save_grid(
+            ds.get_batch(pos),
+            ds.labels[pos],
+            num_classes,
+            per_row,
+            ctx.stage_dir("sample") / "sample_grid.png",
+            class_names=splits.classes,
+        )
         if scfg.fid:
-            summary.update(_fid(ctx, splits, images))
-        writer.close({"fingerprint": fingerprint, **summary, "classes": splits.classes})
+            summary.update(_fid(ctx, splits, ds))
         atomic_write_json(stage_dir / "summary.json", summary)
         return summary
 
-    return run_stage(ctx, "sample", fingerprint, body)
+    # every rank runs body (each generates its share of the shards); rank 0 keeps the stage's
+    # bookkeeping, and draws the grid and computes FID inside body
+    return run_stage(ctx, "sample", fingerprint, body, distributed=True)
 
 
-def _collect(kept: list, root: Path, splits: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor]:
-    """All generated images (from memory, plus files written by an earlier, interrupted run)."""
-    from ..data import FolderImageDataset
-
-    ds = FolderImageDataset.from_tree(
-        root, classes=splits.classes, channels=splits.channels, image_size=splits.image_size
-    )
-    if kept and len(ds) == sum(len(k[1]) for k in kept):
-        return torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept])
-    return ds.get_batch(torch.arange(len(ds))), ds.labels.clone()
-
-
-def _fid(ctx: StageContext, splits: DatasetSplits, generated: torch.Tensor) -> dict[str, Any]:
+def _fid(ctx: StageContext, splits: DatasetSplits, generated: ShardDataset) -> dict[str, Any]:
     from ..eval.fid import compute_metrics
 
     scfg = ctx.cfg.sample
@@ -132,7 +165,7 @@ def _fid(ctx: StageContext, splits: DatasetSplits, generated: torch.Tensor) -> d
     real_idx = torch.randperm(len(splits.train), generator=g)[:n_real]
     log.info("sample: FID/KID of %d generated vs %d real training images", n_gen, n_real)
     m = compute_metrics(
-        generated[gen_idx],
+        generated.get_batch(gen_idx),
         splits.train.get_batch(real_idx),
         fid=True,
         kid=True,

@@ -1,7 +1,8 @@
 """Stage 2: train the class-conditional U-ViT on the pseudo-labels.
 
-``stage2`` trains the diffusion model (``stage2/model.pt``: EMA weights; ``checkpoint.pt``
-while training; ``history.json``) on every training image with its stage-1 pseudo-label (or,
+``stage2`` trains the diffusion model (``stage2/model.pt``: model and EMA weights;
+``checkpoints/step-N/`` while training; ``history.json``; in latent space ``latents/``, the
+memory-mapped latent store) on every training image with its stage-1 pseudo-label (or,
 for comparisons, the true label or no label), optionally keeping only confident pseudo-labels
 or weighting images by confidence. Generation is the ``sample`` stage (``stages/sample.py``).
 """
@@ -18,10 +19,12 @@ from tqdm.auto import tqdm
 
 from ..config.base import to_dict
 from ..data import DatasetSplits
+from ..data.latent_store import encode_to_store
 from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
 from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
 from ..models.uvit import create_uvit
-from ..utils.io import atomic_torch_save, atomic_write_json
+from ..train.engine import setup_process_group
+from ..utils.io import atomic_write_json
 from .common import StageContext, StageResult, run_stage
 
 log = logging.getLogger("dpt_engine")
@@ -113,41 +116,80 @@ def _training_labels(
     return labels, weight, info
 
 
+# Settings that cannot change the trained model, or change it only by floating-point summation order
+# (the global batch is drawn identically for every backend, world size and accumulation; the
+# equivalence tests bound the difference): changing them resumes the stage instead of restarting it.
+# precision stays in (bf16 trains a measurably different model), as do all optimisation settings.
+_NOT_FINGERPRINTED = (
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "max_bad_steps",
+    "grad_checkpointing",
+    "compile",
+    "backend",
+    "zero_stage",
+    "offload_optimizer",
+    "grad_accum",
+)
+
+
 def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
+    """Train stage 2 with ``stage2.backend``; under ``torchrun`` every rank calls this (rank 0 writes)."""
     cfg = ctx.cfg.stage2
     d = to_dict(cfg)
-    for k in ("log_every", "checkpoint_every"):
+    for k in _NOT_FINGERPRINTED:
         d.pop(k)
     fingerprint = {"data": to_dict(ctx.cfg.data), "stage2": d, "stage1": upstream, "seed": ctx.cfg.run.seed}
+    # join the launcher's process group first: run_stage's barriers need it
+    info = setup_process_group(cfg.backend, ctx.device)
 
     def body(stage_dir: Path) -> dict[str, Any]:
-        labels, weight, info = _training_labels(ctx, splits)
+        labels, weight, label_info = _training_labels(ctx, splits)
         if weight is not None and float(weight.sum()) == 0:
             raise ValueError("stage2: no training image passes stage2.confidence_threshold; lower it")
-        images = splits.train.get_batch(torch.arange(len(splits.train)))  # (N, C, H, W) uint8
         ae = load_stage2_autoencoder(ctx, splits)
         x_std = None
         if cfg.autoencoder is None:
-            x = to_model_space(images)
+            x = to_model_space(splits.train.get_batch(torch.arange(len(splits.train))))  # (N, C, H, W)
         else:
-            # encode every image (and its flip, as DPT does) once; cached for resumes
-            cache = stage_dir / "latents.pt"
-            if cache.is_file():
-                lat = torch.load(cache, map_location="cpu", weights_only=True)
-            else:
-                src = torch.cat([images, images.flip(-1)]) if cfg.hflip else images
-                mean, std = encode_dataset(ae, src, 64, ctx.device, ctx.progress)
-                lat = {"mean": mean, "std": std}
-                atomic_torch_save(cache, lat)
-            x, x_std = lat["mean"], lat["std"]
-            if cfg.hflip:
-                labels = torch.cat([labels, labels])
-                weight = torch.cat([weight, weight]) if weight is not None else None
-            info["latent_shape"] = list(x.shape[1:])
+            # every image (and its flip, as DPT does) encoded once into a memory-mapped latent store
+            # (resumable; ranks encode disjoint chunks; unreadable images are skipped and recorded)
+            store = encode_to_store(
+                stage_dir / "latents",
+                splits.train,
+                ae,
+                dtype=cfg.latent_dtype,
+                flip=cfg.hflip,
+                batch_size=64,
+                device=ctx.device,
+                progress=ctx.progress and info.is_main,
+                autoencoder_id=str(cfg.autoencoder),
+            )
+            rows = store.valid_rows()
+            src = torch.from_numpy(store.source_index(rows).astype(np.int64))  # image index of each row
+            raw = torch.from_numpy(store.read(rows).astype(np.float32))  # (R, 2, c, h, w): mean, logvar
+            x = (raw[:, 0] - ae.shift_factor) * ae.scale_factor
+            x_std = torch.exp(0.5 * raw[:, 1].clamp(-30.0, 20.0)) * ae.scale_factor
+            labels = labels[src]
+            weight = weight[src] if weight is not None else None
+            label_info["latent_rows"] = len(rows)
+            skipped = store.meta.get("skipped", [])
+            if skipped:
+                label_info["unreadable_images_skipped"] = len(skipped)
+            label_info["latent_shape"] = list(x.shape[1:])
+        # seed the initialisation: without it the initial weights depended on whatever consumed the
+        # global RNG earlier in the process (e.g. stage 1 in `dpt run` vs a lone `dpt stage2`)
+        torch.manual_seed(ctx.cfg.run.seed)
         net = build_uvit(ctx, splits, ae)
         n_params = sum(p.numel() for p in net.parameters())
         log.info(
-            "stage2: %s (%.2fM params) on %d images, labels: %s", cfg.model, n_params / 1e6, len(x), info
+            "stage2: %s (%.2fM params) on %d images, labels: %s",
+            cfg.model,
+            n_params / 1e6,
+            len(x),
+            label_info,
         )
         data = DiffusionData(
             x=x,
@@ -157,24 +199,45 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             x_std=x_std,
         )
         fit = fit_diffusion(net, cfg, data, stage_dir, ctx.device, ctx.cfg.run.seed, progress=ctx.progress)
-        atomic_write_json(stage_dir / "history.json", fit.history)
+        if info.is_main:
+            atomic_write_json(stage_dir / "history.json", fit.history)
         summary = {
             "model": cfg.model,
             "params": n_params,
             "final_loss": fit.history[-1]["loss"] if fit.history else None,
             "resumed_from_step": fit.resumed_from,
-            **info,
+            "backend": cfg.backend,
+            "world_size": info.world_size,
+            **label_info,
         }
-        atomic_write_json(stage_dir / "summary.json", summary)
+        if info.is_main:
+            atomic_write_json(stage_dir / "summary.json", summary)
         return summary
 
-    return run_stage(ctx, "stage2", fingerprint, body)
+    return run_stage(ctx, "stage2", fingerprint, body, distributed=True)
 
 
 def load_diffusion_model(
     ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
 ) -> torch.nn.Module:
+    """The U-ViT to sample from, in eval mode on ``ctx.device``.
+
+    With ``sample.checkpoint`` set, the weights come from that file (an original U-ViT / DPT
+    ``nnet_ema.pth``, our ``stage2/model.pt``, or an exported ``.safetensors``) and stage 2 need
+    not have run; otherwise from stage 2's EMA weights. The network is built from ``stage2.model``
+    and the data's (latent) shape and class count; keys and shapes are verified before copying.
+    """
+    from ..models.checkpoints import load_uvit_checkpoint
+
     net = build_uvit(ctx, splits, ae)
-    state = torch.load(ctx.stage_dir("stage2") / "model.pt", map_location="cpu", weights_only=True)
-    net.load_state_dict(state["ema"])
+    external = ctx.cfg.sample.checkpoint
+    path = Path(external).expanduser() if external else ctx.stage_dir("stage2") / "model.pt"
+    if not external and not path.is_file():
+        raise FileNotFoundError(
+            f"no stage-2 model at {path}: run `dpt stage2` first, or sample from existing weights with "
+            "`dpt sample --checkpoint PATH` (e.g. a released U-ViT nnet_ema.pth; sample.checkpoint=PATH)"
+        )
+    load_uvit_checkpoint(net, path)  # model.pt holds {"ema": ..., "step": ...}: the EMA weights are read
+    if external:
+        log.info("sample: U-ViT weights from %s (%s)", path, ctx.cfg.stage2.model)
     return net.to(ctx.device).eval()

@@ -10,13 +10,17 @@ top-1 on the test split next to stage 1's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from ..config.base import to_dict
 from ..data import ConcatImageDataset, DataError, DatasetSplits, FolderImageDataset, build_splits
+from ..data.base import ImageDataset
+from ..sampling import ShardDataset, is_shard_dir
 from ..ssl import ClassifierData
 from ..utils.io import atomic_write_json, read_json
 from .common import StageContext, StageResult, run_stage
@@ -30,21 +34,69 @@ __all__ = ["default_pseudo_dir", "load_pseudo_images", "run_stage3"]
 def default_pseudo_dir(ctx: StageContext) -> Path:
     if ctx.cfg.stage3.pseudo_dir:
         return Path(ctx.cfg.stage3.pseudo_dir)
+    if ctx.cfg.sample.output_dir:
+        return Path(ctx.cfg.sample.output_dir)
     return ctx.out / "sample" / "samples"
 
 
-def load_pseudo_images(pseudo_dir: Path, splits: DatasetSplits) -> FolderImageDataset:
+# Generated sets up to this many bytes of pixels are decoded once into memory for training.
+_IN_MEMORY_BYTES = 2 << 30
+
+
+def load_pseudo_images(
+    pseudo_dir: Path, splits: DatasetSplits, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> ImageDataset:
+    """The pseudo images: ``dpt sample`` output in any format (tar shards, ImageFolder, latents,
+    read straight from the shards by ``ShardDataset``; ``decode`` maps autoencoder latents to
+    uint8 images), or any ImageFolder tree."""
     if not pseudo_dir.is_dir():
         raise DataError(
             f"stage3: no pseudo images at '{pseudo_dir}': run stage 2 first (dpt stage2 / dpt run) or "
             "pass stage3.pseudo_dir=/path/to/imagefolder with one sub-folder per class"
         )
+    if is_shard_dir(pseudo_dir):
+        shards = ShardDataset(pseudo_dir, decode=decode)
+        if shards.classes != list(splits.classes):
+            raise DataError(
+                f"stage3: '{pseudo_dir}' was generated for classes {shards.classes[:5]}..., not this dataset's "
+                f"{list(splits.classes)[:5]}...; point stage3.pseudo_dir at a generation for this dataset"
+            )
+        if (shards.channels, shards.image_size) != (splits.channels, splits.image_size):
+            raise DataError(
+                f"stage3: '{pseudo_dir}' holds {shards.channels}x{shards.image_size}px images but the data is "
+                f"{splits.channels}x{splits.image_size}px; generate at the data's size"
+            )
+        nbytes = len(shards) * shards.channels * shards.image_size**2
+        return shards.to_memory() if nbytes <= _IN_MEMORY_BYTES else shards
     ds = FolderImageDataset.from_tree(
         pseudo_dir, classes=splits.classes, channels=splits.channels, image_size=splits.image_size
     )
     if len(ds) == 0:
         raise DataError(f"stage3: '{pseudo_dir}' holds no images; expected <class folder>/<image>.png")
     return ds
+
+
+def _latent_decoder(
+    ctx: StageContext, splits: DatasetSplits, pseudo_dir: Path
+) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """For latent shards of an autoencoder: the stage-2 autoencoder's decode to uint8, else None."""
+    from ..sampling.plan import CONFIG_FILE
+
+    if not is_shard_dir(pseudo_dir):
+        return None
+    cfg = read_json(pseudo_dir / CONFIG_FILE).get("config", {})
+    if cfg.get("format") != "latents" or cfg.get("latent_space") != "autoencoder":
+        return None
+    from ..generation import to_uint8
+    from .stage2 import load_stage2_autoencoder
+
+    ae = load_stage2_autoencoder(ctx, splits)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_uint8(ae.decode(z.to(ctx.device))).cpu()
+
+    return decode
 
 
 def _tree_signature(root: Path) -> dict[str, Any]:
@@ -108,7 +160,7 @@ def run_stage3(
 
     def body(stage_dir: Path) -> dict[str, Any]:
         sp = splits if splits is not None else build_splits(cfg.data)
-        pseudo = load_pseudo_images(pseudo_dir, sp)
+        pseudo = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
         filter_info: dict[str, Any] = {}
         if cfg.stage3.filter_pseudo:
             pseudo, filter_info = _filter_by_stage1(ctx, sp, pseudo)

@@ -1,0 +1,34 @@
+"""dpt_engine.train: the distributed training core shared by the trainers.
+
+* ``engine``: backends behind one interface (single process, DDP, FSDP2, DeepSpeed ZeRO 0-3).
+* ``batch``: the backend-independent global batch, split into per-rank micro-batches.
+* ``checkpoint``: atomic step-directory checkpoints (rank-aware, keep-last-N, RNG states).
+* ``guards``: non-finite loss skipping, out-of-memory hints, throughput/MFU, TensorBoard.
+"""
+
+from .batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches, micro_loss
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .engine import BACKENDS, Backend, build_backend, param_groups, setup_process_group
+from .guards import BadStepGuard, NonFiniteLossError, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BadStepGuard",
+    "CheckpointManager",
+    "GlobalBatch",
+    "MicroBatch",
+    "NonFiniteLossError",
+    "TensorBoardLogger",
+    "ThroughputMeter",
+    "build_backend",
+    "capture_rng_state",
+    "draw_global_batch",
+    "micro_batches",
+    "micro_loss",
+    "oom_hint",
+    "param_groups",
+    "peak_flops",
+    "restore_rng_state",
+    "setup_process_group",
+]

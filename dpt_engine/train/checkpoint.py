@@ -1,0 +1,180 @@
+"""Atomic, rank-aware training checkpoints: one directory per step, keep the newest N.
+
+Layout under ``root`` (e.g. ``stage2/checkpoints``)::
+
+    step-00000500/          a complete checkpoint (renamed into place, so it is all or nothing)
+        meta.json           written last, before the rename: step, backend, world size, files
+        trainer.pt          rank 0: step, history, data generator, guard state, (backend state)
+        rng-rank{r}.pt      every rank: torch / numpy / python (/ CUDA) random states
+        ...                 backend files: DCP shards (fsdp2), DeepSpeed's files, EMA partitions
+    .tmp-step-00000500-*/   a save in progress (or one killed mid-way): ignored, removed later
+
+Why a directory rename: a sharded checkpoint is many files written by many ranks; writing them
+into a temporary directory, fsyncing every file, and renaming the directory once is the only way
+a crash (even ``kill -9``) at any moment leaves either the previous complete checkpoint or the
+new one, never a mix. Ranks must share the file system (as they do for any multi-node
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..utils.dist import barrier, broadcast_object, dist_info
+from ..utils.io import atomic_write_json, read_json
+
+log = logging.getLogger("dpt_engine")
+
+__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's global random states (torch CPU, CUDA if initialised, numpy, python)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the legacy global state is what we save)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # plain types and tensors only, so the file loads with torch.load(weights_only=True)
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002 (restores the legacy global state)
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and directory under ``path`` (so the rename publishes durable data)."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class CheckpointManager:
+    """Saves and finds step checkpoints under ``root``; keeps the newest ``keep``."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, dir) of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / "meta.json").is_file():
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, decided on rank 0 and shared (every rank loads the same)."""
+        found = self.complete() if dist_info().is_main else None
+        found = broadcast_object(found)
+        return found[-1][1] if found else None
+
+    def remove_partial(self) -> None:
+        """Rank 0 removes saves that never finished (``.tmp-*``, e.g. after ``kill -9``)."""
+        if dist_info().is_main and self.root.is_dir():
+            for p in self.root.glob(".tmp-step-*"):
+                log.info("removing an unfinished checkpoint save %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+        """Every rank calls this; ``write(tmp_dir)`` writes this rank's files into ``tmp_dir``.
+
+        Rank 0 then fsyncs the tree, writes ``meta.json`` and renames the directory into place,
+        and prunes old checkpoints. Returns the final directory.
+        """
+        info = dist_info()
+        tmp = None
+        if info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}-{time.time_ns()}"
+            tmp.mkdir()
+        tmp = Path(broadcast_object(str(tmp) if tmp is not None else None))
+        write(tmp)
+        with open(tmp / f"rng-rank{info.rank}.pt.tmp", "wb") as f:
+            torch.save(capture_rng_state(), f)
+        os.replace(tmp / f"rng-rank{info.rank}.pt.tmp", tmp / f"rng-rank{info.rank}.pt")
+        barrier()
+        final = self.step_dir(step)
+        if info.is_main:
+            _test_delay(step)
+            _fsync_tree(tmp)
+            atomic_write_json(
+                tmp / "meta.json",
+                {**meta, "step": step, "world_size": info.world_size, "files": sorted(_files(tmp))},
+            )
+            if final.exists():  # a save of the same step (e.g. a rerun); replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for _s, old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    @staticmethod
+    def read_meta(ckpt: Path) -> dict[str, Any]:
+        return read_json(ckpt / "meta.json")
+
+
+def _test_delay(step: int) -> None:
+    """Test hook ``DPT_TEST_SAVE_DELAY=STEP:SECONDS``: pause the save of STEP after every rank's files
+    are written and before the rename, so a test can ``kill -9`` the process mid-save."""
+    spec = os.environ.get("DPT_TEST_SAVE_DELAY", "")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
+
+
+def _files(root: Path) -> list[str]:
+    return [str(Path(d, f).relative_to(root)) for d, _s, fs in os.walk(root) for f in fs]
