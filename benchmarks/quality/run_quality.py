@@ -279,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.harness import commit_hash, device_name
     from dpt_engine.utils.io import atomic_write_json, atomic_write_text
 
-    extra = (SMOKE_OVERRIDES if args.scale == "smoke" else []) + list(args.set)
-    runs = plan_runs(args.labels, args.seeds, args.classifier_only_seeds, not args.no_references)
     out, results = Path(args.out), Path(args.results)
+    # every run uses the same real images for FID: their Inception statistics are computed once
+    extra = [f"sample.fid_cache={(out / 'fid_cache').resolve()}"]
+    extra += (SMOKE_OVERRIDES if args.scale == "smoke" else []) + list(args.set)
+    runs = plan_runs(args.labels, args.seeds, args.classifier_only_seeds, not args.no_references)
     records = []
     for i, run in enumerate(runs, 1):
         print(f"[quality] run {i}/{len(runs)}: {run['name']} ({', '.join(run['stages'])})", flush=True)

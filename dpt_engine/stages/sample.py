@@ -39,7 +39,7 @@ log = logging.getLogger("dpt_engine")
 __all__ = ["EXECUTION_ONLY", "run_sample", "sample_output_dir"]
 
 # Settings that change how fast the images are made, not which images (beyond float rounding).
-EXECUTION_ONLY = ("batch_size", "writer_workers", "cuda_graph")
+EXECUTION_ONLY = ("batch_size", "writer_workers", "cuda_graph", "fid_cache")
 
 
 def sample_output_dir(ctx: StageContext) -> Path:
@@ -171,7 +171,9 @@ def _fid(ctx: StageContext, splits: DatasetSplits, generated: ShardDataset) -> d
         kid=True,
         weights=scfg.fid_weights,
         device=str(ctx.device),
-        cache=ctx.out / "fid_cache",  # the real set's Inception statistics, reused across runs
+        cache=Path(scfg.fid_cache)
+        if scfg.fid_cache
+        else ctx.out / "fid_cache",  # real-set statistics, reused
     )
     return {
         "fid": m.get("fid"),
