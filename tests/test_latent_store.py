@@ -17,6 +17,7 @@ from dpt_engine.data.latent_store import (
     LatentLoader,
     LatentStore,
     LatentStoreError,
+    MomentsView,
     encode_to_store,
     sample_latents,
     shard_rows,
@@ -323,3 +324,35 @@ def test_two_process_encoding_and_sharded_reading(tmp_path: Path, ae: LatentAuto
     assert done == [{0, 2}, {1, 3}]
     rows = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
     assert len(rows[0]) == len(rows[1]) == 28 and not set(rows[0]) & set(rows[1])  # 60 rows, drop_last
+
+
+def test_memory_mapped_view_trains_like_the_in_memory_latents(tmp_path: Path, ae: LatentAutoencoder) -> None:
+    """Stage 2 on a store larger than RAM indexes ``MomentsView``s; the values and a short training
+    run must equal the in-memory tensors' exactly."""
+    from dpt_engine.config.schema import DiffusionConfig
+    from dpt_engine.diffusion.trainer import DiffusionData, fit_diffusion
+    from dpt_engine.models.uvit import create_uvit
+
+    store = encode_to_store(tmp_path / "s", _digits(24), ae, dtype="float32", progress=False)
+    rows = store.valid_rows()
+    mean, std = MomentsView(store, rows, "mean"), MomentsView(store, rows, "std")
+    raw = torch.from_numpy(store.read(rows))
+    assert mean.shape == (len(rows), *store.latent_shape)
+    idx = torch.tensor([5, 0, 47, 5])
+    assert torch.equal(mean[idx], (raw[idx, 0] - ae.shift_factor) * ae.scale_factor)
+    assert torch.equal(std[idx], torch.exp(0.5 * raw[idx, 1].clamp(-30, 20)) * ae.scale_factor)
+
+    labels = torch.from_numpy(store.row_labels("true")[rows])
+    cfg = DiffusionConfig(
+        model="uvit-tiny8", steps=3, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=3
+    )
+    losses = []
+    for i, (x, x_std) in enumerate(
+        [(mean, std), (mean[torch.arange(len(rows))], std[torch.arange(len(rows))])]
+    ):
+        torch.manual_seed(0)
+        net = create_uvit("uvit-tiny8", img_size=4, in_chans=4, num_classes=10)
+        data = DiffusionData(x=x, y=labels, weight=None, num_classes=10, x_std=x_std)
+        fit = fit_diffusion(net, cfg, data, tmp_path / f"w{i}", torch.device("cpu"), seed=0, progress=False)
+        losses.append([h["loss"] for h in fit.history])
+    assert losses[0] == losses[1]

@@ -57,6 +57,7 @@ __all__ = [
     "LatentLoader",
     "LatentStore",
     "LatentStoreError",
+    "MomentsView",
     "autoencoder_identity",
     "dataset_identity",
     "encode_to_store",
@@ -282,6 +283,36 @@ class LatentStore:
             f"LatentStore({str(self.path)!r}, kind={self.kind}, images={self.num_images}, rows={self.num_rows}, "
             f"latent={self.latent_shape}, dtype={self.meta['dtype']}, complete={self.complete})"
         )
+
+
+class MomentsView:
+    """Rows of a ``moments`` store as the stage-2 trainer indexes its data, read on demand.
+
+    ``view[idx]`` (idx: int64 tensor of positions in ``rows``) returns float32
+    ``(mean - shift) * scale`` (``part="mean"``) or ``exp(0.5 * clamp(logvar, -30, 20)) * scale``
+    (``part="std"``), i.e. the scaled posterior the trainer draws ``x0 = mean + std * eps`` from.
+    Only the indexed rows are read from the memory map, so a store larger than RAM (ImageNet: 2.56M
+    rows) trains without being loaded; ``shape`` is ``(len(rows), c, h, w)``.
+    """
+
+    def __init__(self, store: LatentStore, rows: np.ndarray, part: Literal["mean", "std"]) -> None:
+        if store.kind != "moments":
+            raise LatentStoreError(f"{store.path}: a '{store.kind}' store has no posterior moments")
+        if part not in ("mean", "std"):
+            raise ValueError(f"part must be 'mean' or 'std', got {part!r}")
+        self.store, self.rows, self.part = store, np.asarray(rows, dtype=np.int64), part
+        self.shape = torch.Size((len(self.rows), *store.latent_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+        pos = idx.numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        raw = torch.from_numpy(self.store.read(self.rows[pos])[:, 0 if self.part == "mean" else 1])
+        raw = raw.float()
+        if self.part == "mean":
+            return (raw - self.store.shift_factor) * self.store.scale_factor
+        return torch.exp(0.5 * raw.clamp(-30.0, 20.0)) * self.store.scale_factor
 
 
 def sample_latents(

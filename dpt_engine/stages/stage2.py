@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config.base import to_dict
 from ..data import DatasetSplits
-from ..data.latent_store import encode_to_store
+from ..data.latent_store import MomentsView, encode_to_store
 from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
 from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
 from ..models.uvit import create_uvit
@@ -116,6 +116,10 @@ def _training_labels(
     return labels, weight, info
 
 
+# Latent stores up to this size are read into memory for training; larger ones (ImageNet: 2.56M
+# rows) stay memory-mapped and each batch reads only its rows.
+_IN_MEMORY_LATENT_BYTES = 4 << 30
+
 # Settings that cannot change the trained model, or change it only by floating-point summation order
 # (the global batch is drawn identically for every backend, world size and accumulation; the
 # equivalence tests bound the difference): changing them resumes the stage instead of restarting it.
@@ -169,9 +173,10 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             )
             rows = store.valid_rows()
             src = torch.from_numpy(store.source_index(rows).astype(np.int64))  # image index of each row
-            raw = torch.from_numpy(store.read(rows).astype(np.float32))  # (R, 2, c, h, w): mean, logvar
-            x = (raw[:, 0] - ae.shift_factor) * ae.scale_factor
-            x_std = torch.exp(0.5 * raw[:, 1].clamp(-30.0, 20.0)) * ae.scale_factor
+            x, x_std = MomentsView(store, rows, "mean"), MomentsView(store, rows, "std")
+            if store.latents.nbytes <= _IN_MEMORY_LATENT_BYTES:  # small: gather once, index in RAM
+                everything = torch.arange(len(rows))
+                x, x_std = x[everything], x_std[everything]
             labels = labels[src]
             weight = weight[src] if weight is not None else None
             label_info["latent_rows"] = len(rows)
