@@ -54,7 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.harness import (
+from dpt_engine.kernels import attention, attention_qkvpacked, attention_reference, available_backends
+from dpt_engine.utils.io import atomic_path
+
+from .harness import (
     Row,
     device_name,
     load_warning,
@@ -63,8 +66,6 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.kernels import attention, attention_qkvpacked, attention_reference, available_backends
-from dpt_engine.utils.io import atomic_path
 
 __all__ = ["PROVIDERS", "attention_flops", "build_parser", "device_slug", "main", "run"]
 

@@ -34,7 +34,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
+from dpt_engine.kernels import _native as native
+from dpt_engine.kernels import ema_update_reference_
+
+from .harness import (
     Row,
     bar_chart,
     device_name,
@@ -45,8 +48,6 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.kernels import _native as native
-from dpt_engine.kernels import ema_update_reference_
 
 __all__ = ["VARIANTS", "build_parser", "main", "run"]
 

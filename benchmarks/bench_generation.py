@@ -37,7 +37,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from benchmarks.harness import (
+from dpt_engine.data.imagefolder import class_dirnames
+from dpt_engine.diffusion import DPMSolverPP, initial_noise, make_schedule, two_forward_eps_fn
+from dpt_engine.generation import clip_denoised_fn, to_uint8
+from dpt_engine.models.uvit import create_uvit, list_uvits
+from dpt_engine.sampling import BatchSampler, ShardPlan, run_generation
+
+from .harness import (
     Row,
     bar_chart,
     load_warning,
@@ -47,11 +53,6 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.data.imagefolder import class_dirnames
-from dpt_engine.diffusion import DPMSolverPP, initial_noise, make_schedule, two_forward_eps_fn
-from dpt_engine.generation import clip_denoised_fn, to_uint8
-from dpt_engine.models.uvit import create_uvit, list_uvits
-from dpt_engine.sampling import BatchSampler, ShardPlan, run_generation
 
 __all__ = ["VARIANTS", "build_parser", "main"]
 

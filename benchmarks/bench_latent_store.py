@@ -41,7 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.harness import (
+from dpt_engine.data.latent_store import FORMAT_VERSION, LatentLoader, LatentStore
+from dpt_engine.utils.io import atomic_write_json
+
+from .harness import (
     Row,
     bar_chart,
     device_name,
@@ -52,8 +55,6 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.data.latent_store import FORMAT_VERSION, LatentLoader, LatentStore
-from dpt_engine.utils.io import atomic_write_json
 
 __all__ = ["VARIANTS", "build_parser", "main", "run"]
 

@@ -44,17 +44,6 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
-    Row,
-    bar_chart,
-    device_name,
-    load_warning,
-    measure_alternating,
-    paired_ratio,
-    print_table,
-    summarize,
-    write_rows,
-)
 from dpt_engine.diffusion import (
     DiscreteVPSchedule,
     DPMSolverPP,
@@ -67,6 +56,18 @@ from dpt_engine.diffusion.guidance import doubled_eps_fn
 from dpt_engine.kernels import registered_backends, resolve_backend
 from dpt_engine.kernels.solver_step import SolverStepTable, sample_multistep_fused, solver_step_table
 from dpt_engine.models.uvit import UViT, create_uvit, list_uvits
+
+from .harness import (
+    Row,
+    bar_chart,
+    device_name,
+    load_warning,
+    measure_alternating,
+    paired_ratio,
+    print_table,
+    summarize,
+    write_rows,
+)
 
 __all__ = ["LOOP_VARIANTS", "VARIANTS", "build_parser", "main", "run"]
 

@@ -33,7 +33,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
+from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
+from dpt_engine.diffusion.guidance import cfg_combine
+from dpt_engine.kernels import _native as native
+from dpt_engine.kernels.solver_step import SolverStepTable, solver_step_reference, solver_step_table
+
+from .harness import (
     Row,
     bar_chart,
     device_name,
@@ -44,10 +49,6 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
-from dpt_engine.diffusion.guidance import cfg_combine
-from dpt_engine.kernels import _native as native
-from dpt_engine.kernels.solver_step import SolverStepTable, solver_step_reference, solver_step_table
 
 __all__ = ["VARIANTS", "build_parser", "main", "run"]
 

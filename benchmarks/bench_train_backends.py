@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
+from .harness import (
     Row,
     bar_chart,
     device_name,

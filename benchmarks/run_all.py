@@ -1,4 +1,4 @@
-"""Run every micro-benchmark with small settings and write one table for this machine.
+"""Run every benchmark (micro and end-to-end) in one process and write one table for this machine.
 
 Benchmarks, each in this process through its own ``main(argv)`` (so each keeps its own
 interleaved measurement, agreement check and JSON/PNG, written under
@@ -9,6 +9,12 @@ interleaved measurement, agreement check and JSON/PNG, written under
 * ``ema`` (``bench_ema``) and ``solver_step`` (``bench_solver_step``): the C++ CPU ops vs their
   PyTorch formulations, GB/s (CPU benchmarks on every machine; they need the native library);
 * ``sampler`` (``bench_sampler``): guided DPM-Solver++ sampling vs diffusers (needs diffusers);
+* ``latent_store`` (``bench_latent_store``): the memory-mapped latent store vs one file per row;
+* ``generation`` (``bench_generation``): end-to-end generation to PNG files vs the original loop
+  (CPU only);
+* ``train`` (``bench_train``): the stage-2 training step (fp32, bf16) vs the original U-ViT step;
+* ``train_backends`` (``bench_train_backends``): single vs DDP/FSDP2/ZeRO launches (spawns
+  processes; not part of ``--quick`` unless named in ``--only``);
 * on CUDA only, ``ema_cuda`` and ``solver_step_cuda`` (defined here): the Triton and CUDA-extension
   EMA update and solver step vs ``torch._foreach_lerp_`` / the eager step, GB/s on the GPU.
 
@@ -21,12 +27,13 @@ optional dependency is missing or the device does not apply) and the others stil
   table of all results (skipped attention providers listed with their reasons);
 * the same table printed at the end. Exit status 1 when a benchmark failed.
 
-``<device>`` is ``cpu`` or the GPU's name (``bench_attention.device_slug``). Defaults take ~1.5
-minutes on an idle 2-core CPU (several times that when other jobs share the cores); ``--quick``
-(~15 s) is a smoke run with tiny shapes. Both files are rewritten after every benchmark, so a run
+``<device>`` is ``cpu`` or the GPU's name (``bench_attention.device_slug``). Defaults take several
+minutes on a 2-core CPU (``train_backends`` launches every backend twice; more when other jobs
+share the cores); ``--quick`` (~15-30 s) is a smoke run with tiny shapes. Both files are rewritten after every benchmark, so a run
 that is killed keeps what it finished.
 
-Run: ``python -m benchmarks.run_all [--quick] [--device cuda] [--threads 1] [--only attention ema]``.
+Run: ``python -m benchmarks.run_all [--quick] [--device cuda] [--threads 1] [--only attention ema]``
+(or ``python -m dpt_engine.benchmarks.run_all`` from an installed package).
 """
 
 from __future__ import annotations
@@ -44,8 +51,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_attention import device_slug
-from benchmarks.harness import (
+from dpt_engine.utils.io import atomic_write_text
+
+from .bench_attention import device_slug
+from .bench_cli import results_root
+from .harness import (
     Row,
     commit_hash,
     device_name,
@@ -55,12 +65,24 @@ from benchmarks.harness import (
     summarize,
     write_rows,
 )
-from dpt_engine.utils.io import atomic_write_text
 
 __all__ = ["BENCHMARKS", "build_parser", "main"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("attention", "ema", "solver_step", "sampler", "ema_cuda", "solver_step_cuda")
+RESULTS_DIR = results_root()  # the repository's benchmarks/results, or ./bench_results when installed
+BENCHMARKS = (
+    "attention",
+    "ema",
+    "solver_step",
+    "sampler",
+    "latent_store",
+    "generation",
+    "train",
+    "train_backends",
+    "ema_cuda",
+    "solver_step_cuda",
+)
+# multi-process launches (tens of seconds even when tiny): --quick runs them only when named
+NOT_QUICK = ("train_backends",)
 
 
 class Skip(Exception):
@@ -79,12 +101,20 @@ def _settings(quick: bool, cuda: bool) -> dict[str, list[str]]:
             "ema": ["--params", "2e6", "--tensors", "20", "--repeats", "3", "--warmup", "1"],
             "solver_step": "--shape 4 4 32 32 --orders 3 --repeats 3 --warmup 1".split(),
             "sampler": ["--batch", "4", "--steps", "3", "--repeats", "1"],
+            "latent_store": "--rows 512 --shape 4 8 8 --batch 64 --batches 2 --repeats 2 --warmup 1".split(),
+            "generation": "--per-class 4 --batch 16 --steps 3 --repeats 1 --workers 2".split(),
+            "train": "--model uvit-tiny8 --batch 8 --steps 2 --warmup 1".split(),
+            "train_backends": "--only ddp --batch 16 --warmup 1 --window 2 --windows 1 --rounds 1".split(),
         }
     return {
         "attention": [] if cuda else ["--repeats", "7"],  # bench_attention's per-device shapes
         "ema": ["--params", "100e6", "--tensors", "100", "--repeats", "11", "--warmup", "2"],
         "solver_step": ["--shape", "64", "4", "128", "128", "--orders", "2", "3", "--repeats", "11"],
         "sampler": ["--batch", "64", "--steps", "20", "--repeats", "5"],
+        "latent_store": [],
+        "generation": ["--repeats", "2"],
+        "train": ["--model", "uvit-l2", "--batch", "64", "--steps", "20"] if cuda else [],
+        "train_backends": [],
     }  # fmt: skip
 
 
@@ -152,8 +182,9 @@ def bench_ema_cuda(quick: bool, device: torch.device | str = "cuda") -> list[Row
     Bandwidth at 12 bytes per parameter (8 for the copy); the floor on an H100 is ~1.8 ms per
     500M parameters at 3.35 TB/s. (``device`` may be ``cpu`` to smoke-test the code path: the
     fused variants then report themselves unavailable.)"""
-    from benchmarks.bench_ema import tensor_sizes
     from dpt_engine.kernels import available_backends, ema_update_, ema_update_reference_
+
+    from .bench_ema import tensor_sizes
 
     device = torch.device(device)
     total, count, decay = (int(4e6), 40, 0.9999) if quick else (int(100e6), 200, 0.9999)
@@ -245,7 +276,7 @@ def bench_solver_step_cuda(quick: bool, device: torch.device | str = "cuda") -> 
 def _run_module(module: str, argv: list[str]) -> list[dict[str, Any]]:
     import importlib
 
-    mod = importlib.import_module(f"benchmarks.{module}")
+    mod = importlib.import_module(f".{module}", __package__)
     return mod.main(argv)
 
 
@@ -329,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_bench_dir = args.out_dir / f"all_{slug}"
     settings = _settings(args.quick, cuda)
     threads = ["--threads", str(args.threads)] if args.threads is not None else []
+    cores = ["--cores", str(args.threads)] if args.threads is not None else []  # bench_train_backends
 
     def outputs(name: str) -> list[str]:
         return ["--json", str(per_bench_dir / f"{name}.json"), "--png", str(per_bench_dir / f"{name}.png")]
@@ -342,6 +374,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_module(module, [*settings[name], *threads, *outputs(name)])
 
         return run
+
+    def cpu_only(module: str, name: str) -> Callable[[], list[dict[str, Any]]]:
+        def run() -> list[dict[str, Any]]:
+            if cuda:
+                raise Skip(f"{module} measures the CPU path only (it has no --device)")
+            return _run_module(module, [*settings[name], *threads, *outputs(name)])
+
+        return run
+
+    def train_backends() -> list[dict[str, Any]]:
+        if cuda and torch.cuda.device_count() < 2:
+            raise Skip("needs >= 2 GPUs (one process per GPU)")
+        argv = [*settings["train_backends"], "--device", device.type, *cores, *outputs("train_backends")]
+        return _run_module("bench_train_backends", argv)
 
     def cuda_only(fn: Callable[[bool, torch.device], list[Row]]) -> Callable[[], list[dict[str, Any]]]:
         def run() -> list[dict[str, Any]]:
@@ -364,11 +410,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sampler": lambda: _run_module(
             "bench_sampler", [*settings["sampler"], "--device", str(device), *threads, *outputs("sampler")]
         ),
+        "latent_store": lambda: _run_module(
+            "bench_latent_store", [*settings["latent_store"], *threads, *outputs("latent_store")]
+        ),
+        "generation": cpu_only("bench_generation", "generation"),
+        "train": lambda: _run_module(
+            "bench_train", [*settings["train"], "--device", str(device), *threads, *outputs("train")]
+        ),
+        "train_backends": train_backends,
         "ema_cuda": cuda_only(bench_ema_cuda),
         "solver_step_cuda": cuda_only(bench_solver_step_cuda),
     }
     assert tuple(runners) == BENCHMARKS
-    selected = [b for b in BENCHMARKS if args.only is None or b in args.only]
+    if args.only is not None:
+        selected = [b for b in BENCHMARKS if b in args.only]
+    else:
+        selected = [b for b in BENCHMARKS if not (args.quick and b in NOT_QUICK)]
 
     dev_name = device_name(device)
     json_path, md_path = args.out_dir / f"all_{slug}.json", args.out_dir / f"all_{slug}.md"

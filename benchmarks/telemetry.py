@@ -1,4 +1,4 @@
-"""Accelerator telemetry and the peak FLOP/s that MFU is measured against.
+"""GPU telemetry sampled through NVML while a benchmark runs.
 
 ``GpuTelemetry`` samples NVML (power, SM clock, memory used, utilisation) on a background thread
 while a benchmark runs, so a result can be read next to what the card was doing (a throttled
@@ -6,9 +6,9 @@ clock or a half-idle GPU explains a low number). Without a GPU or without the NV
 records *why* telemetry is absent instead of failing: ``nvmlInit()`` raises
 ``NVMLError_LibraryNotFound`` on machines without the driver.
 
-``peak_flops`` returns the dense bf16 tensor-core peak of known GPUs from their datasheets (the
-denominator of MFU, as in the PaLM / Megatron convention), and ``measure_matmul_flops`` a probe of
-what one large matmul actually reaches on this device (also the only "peak" a CPU has).
+The peak FLOP/s that MFU is measured against lives in one place, the trainer's
+``dpt_engine.train.guards.peak_flops`` (datasheet table of known GPUs, ``DPT_PEAK_TFLOPS``, or a
+measured CPU matmul rate), so the benchmarks and the training log report the same MFU.
 """
 
 from __future__ import annotations
@@ -21,75 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "GPU_PEAK_TFLOPS",
-    "GpuTelemetry",
-    "measure_matmul_flops",
-    "peak_flops",
-]
-
-# Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s, from the vendors' datasheets. Matched
-# against torch.cuda.get_device_name() by substring, most specific first.
-GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 6000 Ada", 364.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-    ("V100", 125.0),
-    ("T4", 65.0),
-)
-
-
-def peak_flops(device: torch.device | str) -> tuple[float | None, str]:
-    """(peak FLOP/s, source) of ``device``: a datasheet entry for known GPUs, else ``(None, why)``."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None, "no datasheet peak for CPUs: use the measured matmul probe"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12, f"datasheet dense bf16 peak of {key}"
-    return None, f"{name!r} is not in the peak table (benchmarks/telemetry.py): MFU uses the matmul probe"
-
-
-def measure_matmul_flops(
-    device: torch.device | str, dtype: torch.dtype | None = None, n: int | None = None, repeats: int = 5
-) -> dict[str, Any]:
-    """FLOP/s of an ``n x n @ n x n`` matmul on ``device`` (median of ``repeats``, after a warm-up).
-
-    Defaults: bf16 at n=8192 on CUDA (what the tensor cores sustain on a large GEMM), fp32 at
-    n=1024 on a CPU (what training there runs in).
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    n = n or (8192 if cuda else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i:  # the first is a warm-up
-            times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    return {"flops": 2.0 * n**3 / sec, "n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": sec}
+__all__ = ["GpuTelemetry"]
 
 
 @dataclass

@@ -6,6 +6,7 @@
     dpt stage3  [...]
     dpt presets                                                               list presets
     dpt config  [--preset NAME | --config FILE] [key=value ...]               print the resolved config
+    dpt bench   train|sample|kernels|all [--model P] [--batch N] [--steps N]  benchmarks vs baselines
 
 Overrides use dotted keys into the config (``dpt_engine/config/schema.py``), e.g.
 ``data.labels_per_class=2 stage1.steps=3000 run.device=cuda``.
@@ -49,7 +50,7 @@ training at scale (every rank runs the same command; rank 0 writes the artifacts
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=dpt \\
         -m dpt_engine.cli stage2 --out /shared/runs/in1k stage2.backend=fsdp2 ...
   the DeepSpeed launcher (hostfile lists the machines):
-    deepspeed --hostfile=hostfile --module dpt_engine.cli stage2 --out /shared/runs/in1k \\
+    deepspeed --hostfile=hostfile --no_local_rank --module dpt_engine.cli stage2 --out /shared/runs/in1k \\
         stage2.backend=deepspeed stage2.zero_stage=2 stage2.precision=bf16
   options: stage2.grad_accum=K, stage2.grad_checkpointing=true, stage2.compile=true,
     stage2.offload_optimizer=true (deepspeed), stage2.tensorboard=true; stage2.batch_size is the
@@ -84,12 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sample)
     _add_common(sub.add_parser("stage3", help="stage 3: retrain the classifier on real + pseudo images"))
     sub.add_parser("presets", help="list the named presets")
+    from .benchmarks.bench_cli import add_arguments as _add_bench_arguments
+
+    _add_bench_arguments(
+        sub.add_parser(
+            "bench",
+            help="benchmarks: training/sampling images/s, MFU and kernels vs baselines (same run)",
+            description="Run the training, sampling and kernel benchmarks against their baselines in one "
+            "process; print a table and write JSON rows and PNG charts (see benchmarks/README.md).",
+        )
+    )
     _add_common(sub.add_parser("config", help="print the fully resolved config as YAML"), with_out=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from .benchmarks.bench_cli import run as run_bench
+
+        return run_bench(args)
     if args.command == "presets":
         for name in list_presets():
             d = PRESETS[name].get("data", {})

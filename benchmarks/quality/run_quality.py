@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from benchmarks.harness import commit_hash, device_name
     from dpt_engine.utils.io import atomic_write_json, atomic_write_text
+
+    from ..harness import commit_hash, device_name
 
     out, results = Path(args.out), Path(args.results)
     # every run uses the same real images for FID: their Inception statistics are computed once

@@ -1,0 +1,466 @@
+"""Stage-2 training step: the engine's step against a plain PyTorch step of the original U-ViT design.
+
+Every variant trains its own copy of the same randomly initialised U-ViT (same preset, same
+initial weights) on the same sequence of global batches (each variant draws from its own
+generator with the same seed, through ``dpt_engine.train.batch.draw_global_batch``), one
+optimizer step per call, interleaved ``A B C A B C ...`` in one process (``harness``):
+
+* ``original`` (the baseline): the design of the original U-ViT training script, in plain
+  PyTorch: eager fp32, attention through ``F.scaled_dot_product_attention`` on q, k, v upcast to
+  fp32 (the original's ``.float()``), ``torch.optim.AdamW`` with torch's defaults for the
+  implementation (no ``fused``/``foreach`` choice), ``zero_grad``, and the per-tensor EMA loop
+  ``p_ema.mul_(d).add_(p, alpha=1 - d)``. No compile. Same hyperparameters, parameter groups and
+  batch as ours, so it is a correct reference (``tests/test_bench_cli.py`` checks that one step
+  from the same state gives the same loss and weights as ``dpt_engine-fp32``), not a strawman.
+* ``dpt_engine-fp32``: the step stage 2 runs (``fit_diffusion``'s loop body: ``build_backend``,
+  ``draw_global_batch`` / ``micro_batches`` / ``micro_loss``, the backend's forward / backward /
+  step / ``ema_update`` through the kernel dispatch, the non-finite-loss guard), in fp32: with
+  the baseline it isolates the engine's own changes (fused EMA kernel, fused AdamW on CUDA,
+  the attention dispatch).
+* ``dpt_engine-bf16``: the same in the device's fastest configuration, ``stage2.precision=bf16``
+  (bf16 autocast, fp32 master weights and EMA). ``dpt_engine-bf16`` vs ``dpt_engine-fp32`` is the
+  part of the gain that comes from bf16.
+* ``dpt_engine-bf16-compile`` (``--compile``): ``dpt_engine-bf16`` with ``stage2.compile=true``.
+
+Per variant: step time (p20/p50/p80), images/s, achieved TFLOP/s and MFU (FLOPs per image from
+``dpt_engine.models.uvit.flops_per_forward``, training = 3x forward; the peak of the variant's
+compute precision from ``dpt_engine.train.guards.peak_flops``: a datasheet figure on known GPUs,
+``DPT_PEAK_TFLOPS``, or on a CPU a measured matmul rate), peak memory (per variant
+``torch.cuda.max_memory_allocated`` on a GPU; on a CPU only the process's peak RSS, which covers
+every variant and the imports, labelled so), and paired speed-ups against ``original``.
+
+Hyperparameters follow DPT's ImageNet recipe: AdamW lr 2e-4, weight decay 0.03, betas
+(0.99, 0.99), no gradient clipping, EMA 0.9999 (with the trainer's warm-up,
+``ema_decay_at``), label dropout 0.1, the discrete linear 1000-step schedule.
+
+Run: ``python -m benchmarks.bench_train [--model uvit-tiny28] [--batch 32] [--steps 8] [--compile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpt_engine.config.schema import DiffusionConfig
+from dpt_engine.diffusion.schedules import NoiseSchedule, make_schedule
+from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at
+from dpt_engine.kernels import registered_backends, resolve_backend
+from dpt_engine.models.uvit import Attention, UViT, create_uvit, flops_per_forward, list_uvits
+from dpt_engine.train.batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches, micro_loss
+from dpt_engine.train.engine import Backend, build_backend, param_groups, setup_process_group
+from dpt_engine.train.guards import BadStepGuard, peak_flops
+
+from .harness import (
+    Row,
+    bar_chart,
+    device_name,
+    load_warning,
+    measure_alternating,
+    paired_ratio,
+    print_table,
+    summarize,
+    write_rows,
+)
+
+__all__ = [
+    "BASELINE",
+    "VARIANTS",
+    "EngineTrainer",
+    "OriginalAttention",
+    "OriginalTrainer",
+    "build_parser",
+    "main",
+    "make_data",
+    "make_trainer",
+    "original_uvit",
+    "run",
+    "train_config",
+]
+
+BENCHMARK = "train"
+BASELINE = "original"
+VARIANTS = ("original", "dpt_engine-fp32", "dpt_engine-bf16", "dpt_engine-bf16-compile")
+
+
+# ---------------------------------------------------------------------------- setup
+def train_config(model: str, batch: int, precision: str = "fp32", compile: bool = False) -> DiffusionConfig:
+    """Stage 2's config for the benchmark: DPT's ImageNet recipe hyperparameters (see the module
+    docstring), single process, no lr warm-up (the lr is constant over the timed steps)."""
+    cfg = DiffusionConfig(
+        model=model,
+        batch_size=batch,
+        lr=2e-4,
+        weight_decay=0.03,
+        beta1=0.99,
+        beta2=0.99,
+        warmup_steps=0,
+        grad_clip=None,
+        ema_decay=0.9999,
+        label_dropout=0.1,
+        schedule="discrete-linear",
+        backend="single",
+        precision=precision,  # type: ignore[arg-type]
+        compile=compile,
+    )
+    cfg.validate()
+    return cfg
+
+
+def make_data(net: UViT, rows: int, seed: int = 0) -> DiffusionData:
+    """``rows`` random images in [-1, 1] with random labels, shaped for ``net`` (the draws and the
+    step's cost do not depend on the pixel values)."""
+    c = net.cfg
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, c.in_chans, c.img_size, c.img_size, generator=g) * 2 - 1  # (N, C, H, W)
+    y = torch.randint(0, max(c.num_classes, 1), (rows,), generator=g)
+    return DiffusionData(x=x, y=y, weight=None, num_classes=c.num_classes)
+
+
+class OriginalAttention(nn.Module):
+    """The original U-ViT attention: packed qkv projection, q, k, v upcast to fp32, PyTorch SDPA.
+
+    Owns the same ``qkv`` / ``proj`` layers as ``dpt_engine.models.uvit.Attention`` (same
+    parameter names, so state dicts are interchangeable); only the attention call differs: no
+    kernel dispatch, always fp32."""
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.qkv = attn.qkv
+        self.proj = attn.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)  # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).float().unbind(0)  # 3 x (B, H, N, Dh), fp32
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, H*Dh)
+        return self.proj(out)
+
+
+def original_uvit(net: UViT) -> UViT:
+    """A deep copy of ``net`` (same weights) whose attention layers are ``OriginalAttention``."""
+    base = copy.deepcopy(net)
+    for block in [*base.in_blocks, base.mid_block, *base.out_blocks]:
+        block.attn = OriginalAttention(block.attn)
+    return base
+
+
+def _ema_backend(tensors: Sequence[torch.Tensor]) -> str:
+    """Name of the ``ema`` backend the kernel dispatch picks for ``tensors``."""
+    fn = resolve_backend("ema", tensors)
+    return next((name for name, b in registered_backends("ema").items() if b.fn is fn), "unknown")
+
+
+@dataclass
+class _Batches:
+    """The global-batch stream of one variant: its own generator, the same seed as the others."""
+
+    data: DiffusionData
+    cfg: DiffusionConfig
+    schedule: NoiseSchedule
+    device: torch.device
+    gen: torch.Generator
+
+    def next(self) -> tuple[GlobalBatch, MicroBatch]:
+        batch = draw_global_batch(
+            self.data, self.cfg.batch_size, self.schedule, self.gen, self.cfg.hflip, self.cfg.label_dropout
+        )
+        (mb,) = micro_batches(batch, self.data, 0, 1, 1, self.device)
+        return batch, mb
+
+
+class OriginalTrainer:
+    """The baseline's training step (see the module docstring): plain PyTorch, eager fp32."""
+
+    name = BASELINE
+
+    def __init__(
+        self, net: UViT, cfg: DiffusionConfig, data: DiffusionData, device: torch.device, seed: int
+    ) -> None:
+        self.cfg = cfg
+        self.schedule = make_schedule(cfg.schedule)
+        self.net = original_uvit(net).to(device).train()
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.net, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
+        )
+        self.batches = _Batches(data, cfg, self.schedule, device, torch.Generator().manual_seed(seed))
+        self.steps = 0
+
+    def model(self) -> nn.Module:
+        return self.net
+
+    def ema_model(self) -> nn.Module:
+        return self.ema
+
+    def step(self) -> torch.Tensor:
+        _, mb = self.batches.next()
+        xt = self.schedule.add_noise(mb.x0, mb.noise, mb.t)
+        pred = self.net(xt, self.schedule.network_time(mb.t), mb.y)
+        loss = F.mse_loss(pred, mb.noise)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        decay = ema_decay_at(self.steps, self.cfg.ema_decay)
+        with torch.no_grad():
+            for (_, p_ema), (_, p) in zip(self.ema.named_parameters(), self.net.named_parameters()):
+                p_ema.mul_(decay).add_(p, alpha=1 - decay)
+        self.steps += 1
+        return loss.detach()
+
+
+class EngineTrainer:
+    """Our training step: ``fit_diffusion``'s loop body on a ``build_backend`` backend (one process,
+    one micro-batch): the same draws, loss, guard, optimizer step and dispatched EMA update."""
+
+    def __init__(
+        self,
+        name: str,
+        net: UViT,
+        cfg: DiffusionConfig,
+        data: DiffusionData,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.schedule = make_schedule(cfg.schedule)
+        info = setup_process_group(cfg.backend, device)
+        self.backend: Backend = build_backend(copy.deepcopy(net).train(), cfg, device, info)
+        self.guard = BadStepGuard(cfg.max_bad_steps)
+        self.batches = _Batches(data, cfg, self.schedule, device, torch.Generator().manual_seed(seed))
+        self.steps = 0
+
+    def model(self) -> nn.Module:
+        return self.backend.net
+
+    def ema_model(self) -> nn.Module:
+        return self.backend.ema
+
+    def step(self) -> torch.Tensor:
+        step = self.steps
+        batch, mb = self.batches.next()
+        self.backend.set_lr(self.cfg.lr)
+        xt = self.schedule.add_noise(mb.x0, mb.noise, mb.t)
+        with self.backend.accumulate(True):
+            pred = self.backend.forward(xt, self.schedule.network_time(mb.t), mb.y)
+            loss = micro_loss(pred, mb, batch, whole_batch=True)
+            self.backend.backward(loss, True)
+        if self.guard.check(step, float(loss.detach())):  # the trainer's one host sync per step
+            self.backend.step(self.cfg.grad_clip)
+            self.backend.ema_update(ema_decay_at(step, self.cfg.ema_decay))
+        else:
+            self.backend.skip_step()
+        self.steps += 1
+        return loss.detach()
+
+
+def make_trainer(
+    variant: str,
+    net: UViT,
+    batch: int,
+    data: DiffusionData,
+    device: torch.device,
+    seed: int = 0,
+    model: str = "uvit",
+) -> OriginalTrainer | EngineTrainer:
+    """The trainer of ``variant`` (one of ``VARIANTS``) on a copy of ``net`` (``model``: its preset
+    name, recorded in the config)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown training variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if variant == BASELINE:
+        return OriginalTrainer(net, train_config(model, batch), data, device, seed)
+    precision = "fp32" if variant == "dpt_engine-fp32" else "bf16"
+    cfg = train_config(model, batch, precision, compile=variant == "dpt_engine-bf16-compile")
+    return EngineTrainer(variant, net, cfg, data, device, seed)
+
+
+# ---------------------------------------------------------------------------- measurement
+def _state_diff(a: nn.Module, b: nn.Module) -> float:
+    """max |a - b| / max |b| over the parameters (same names in both)."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    num = max(float((pa[k].detach().float() - pb[k].detach().float()).abs().max()) for k in pb)
+    den = max(float(p.detach().float().abs().max()) for p in pb.values())
+    return num / max(den, 1e-30)
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train",
+        description="Stage-2 training step: dpt_engine (fp32, bf16[, compile]) vs the original U-ViT design.",
+    )
+    p.add_argument("--model", default="uvit-tiny28", choices=list_uvits(), help="U-ViT preset")
+    p.add_argument("--batch", type=int, default=32, help="global batch (images per step)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (interleaved rounds)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed interleaved rounds after the agreement step"
+    )
+    p.add_argument("--compile", action="store_true", help="add dpt_engine-bf16-compile (torch.compile)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch stream")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--json", type=Path, default=None, help="rows out (default <results>/train_<dev>.json)")
+    p.add_argument("--png", type=Path, default=None, help="chart out (default <results>/train_<dev>.png)")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA GPU")
+    if args.batch < 1 or args.steps < 1:
+        raise SystemExit(f"--batch and --steps must be >= 1 (got {args.batch}, {args.steps})")
+    busy = load_warning()
+    if busy:
+        print(f"WARNING: {busy}")
+    torch.manual_seed(args.seed)
+    net = create_uvit(args.model)
+    data = make_data(net, max(8 * args.batch, 256), args.seed)
+    names = [v for v in VARIANTS if v != "dpt_engine-bf16-compile" or args.compile]
+    trainers = {v: make_trainer(v, net, args.batch, data, device, args.seed, args.model) for v in names}
+
+    # Agreement: the first step of every variant starts from the same weights on the same batch.
+    first_loss = {v: float(tr.step()) for v, tr in trainers.items()}
+    loss_rel = {
+        v: abs(first_loss[v] - first_loss[BASELINE]) / abs(first_loss[BASELINE])
+        for v in names
+        if v != BASELINE
+    }
+    weight_rel = {
+        v: _state_diff(trainers[v].model(), trainers[BASELINE].model()) for v in names if v != BASELINE
+    }
+    ema_rel = {
+        v: _state_diff(trainers[v].ema_model(), trainers[BASELINE].ema_model())
+        for v in names
+        if v != BASELINE
+    }
+    print("agreement after one step from the same state (relative to original):")
+    for v in loss_rel:
+        print(f"  {v:<20} loss {loss_rel[v]:.2e}  weights {weight_rel[v]:.2e}  ema {ema_rel[v]:.2e}")
+
+    peak_mem: dict[str, float] = dict.fromkeys(names, 0.0)
+
+    def timed(v: str) -> Callable[[], None]:
+        tr = trainers[v]
+
+        def call() -> None:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            tr.step()
+            if cuda:
+                peak_mem[v] = max(peak_mem[v], torch.cuda.max_memory_allocated(device) / 2**20)
+
+        return call
+
+    times = measure_alternating({v: timed(v) for v in names}, repeats=args.steps, warmup=args.warmup)
+
+    fwd = flops_per_forward(net.cfg)
+    train_flops = 3.0 * fwd * args.batch  # per step
+    peaks = {bf16: peak_flops(device, bf16) for bf16 in (False, True)}
+    ema_tensors = list(trainers["dpt_engine-bf16"].backend.ema_params) + list(
+        trainers["dpt_engine-bf16"].backend.net_params
+    )
+    config: dict[str, Any] = {
+        "model": args.model,
+        "params": sum(p.numel() for p in net.parameters()),
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "flops_per_image_forward": fwd,
+        "flops_per_step": train_flops,
+        "threads": torch.get_num_threads(),
+        "ema_backend": _ema_backend(ema_tensors),
+        "fused_adamw": cuda,
+        "load_warning": busy,
+    }
+    dev = device_name(device)
+    rows: list[Row] = []
+
+    def row(variant: str, metric: str, value: float, unit: str, cfg: dict[str, Any], **kw: Any) -> Row:
+        return Row(BENCHMARK, variant, metric, float(value), unit, config=cfg, device=dev, **kw)
+
+    for v in names:
+        bf16 = v in ("dpt_engine-bf16", "dpt_engine-bf16-compile")
+        peak, source = peaks[bf16]
+        cfg = {**config, "precision": "bf16 autocast" if bf16 else "fp32", "compile": v.endswith("compile"),
+               "peak_tflops": peak / 1e12 if peak else None, "peak_source": source}  # fmt: skip
+        s = summarize(times[v])
+        rows.append(row(v, "step_time", s["p50"], "s", cfg, p20=s["p20"], p80=s["p80"]))
+        ips = (args.batch / s["p50"], args.batch / s["p80"], args.batch / s["p20"])
+        rows.append(row(v, "throughput", ips[0], "img/s", cfg, p20=ips[1], p80=ips[2]))
+        tf = [train_flops / t / 1e12 for t in (s["p50"], s["p80"], s["p20"])]
+        rows.append(row(v, "tflops", tf[0], "TFLOP/s", cfg, p20=tf[1], p80=tf[2]))
+        if peak:
+            rows.append(row(v, "mfu", tf[0] * 1e12 / peak, "fraction", cfg, p20=tf[1] * 1e12 / peak,
+                            p80=tf[2] * 1e12 / peak))  # fmt: skip
+        if cuda:
+            rows.append(
+                row(
+                    v, "peak_memory", peak_mem[v], "MiB", {**cfg, "memory": "torch.cuda.max_memory_allocated"}
+                )
+            )
+        if v != BASELINE:
+            r = paired_ratio(times[BASELINE], times[v])
+            rows.append(row(v, "speedup", r, "x", cfg, baseline=BASELINE, ratio=r))
+            rows.append(row(v, "loss_rel_diff", loss_rel[v], "rel", cfg, baseline=BASELINE))
+            rows.append(row(v, "weights_rel_diff", weight_rel[v], "rel", cfg, baseline=BASELINE))
+            rows.append(row(v, "ema_rel_diff", ema_rel[v], "rel", cfg, baseline=BASELINE))
+    for v, ref in (("dpt_engine-bf16", "dpt_engine-fp32"), ("dpt_engine-bf16-compile", "dpt_engine-bf16")):
+        if v in times:
+            r = paired_ratio(times[ref], times[v])
+            rows.append(row(v, "speedup", r, "x", config, baseline=ref, ratio=r))
+    if not cuda:
+        note = (
+            "process peak RSS (ru_maxrss): every variant, the data and the imports together; not per variant"
+        )
+        rows.append(row("process", "peak_rss", _peak_rss_mib(), "MiB", {**config, "memory": note}))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """CLI entry point; returns the rows as dicts (also written to ``--json``)."""
+    from .bench_attention import device_slug
+    from .bench_cli import results_root
+
+    args = build_parser().parse_args(argv)
+    slug = device_slug(args.device)
+    root = results_root()
+    json_path = args.json or root / f"{BENCHMARK}_{slug}.json"
+    png_path = args.png or root / f"{BENCHMARK}_{slug}.png"
+    prev = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = run(args)
+    finally:
+        torch.set_num_threads(prev)  # main() may be called in-process (dpt bench, tests)
+    write_rows(json_path, rows)
+    print_table(rows)
+    title = (
+        f"Stage-2 training step, {args.model}, batch {args.batch} (medians of {args.steps} interleaved steps)"
+    )
+    bar_chart(rows, png_path, title, metric=["throughput", "tflops"], muted=(BASELINE,))
+    print(f"wrote {json_path} and {png_path}")
+    return [r.to_dict() for r in rows]
+
+
+if __name__ == "__main__":
+    main()
