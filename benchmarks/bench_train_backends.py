@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dpt_engine.utils.dist import free_port
 
 from .harness import (
     Row,
@@ -83,12 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> None:
@@ -164,7 +159,7 @@ def _launch(variant: str, args: argparse.Namespace, cores: int) -> dict[str, lis
     }
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
         mp.start_processes(
-            _worker, args=(world, _free_port(), spec, tmp), nprocs=world, join=True, start_method="spawn"
+            _worker, args=(world, free_port(), spec, tmp), nprocs=world, join=True, start_method="spawn"
         )
         return torch.load(Path(tmp) / "result.pt", weights_only=True)
 

@@ -291,13 +291,11 @@ def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_encoding_and_sharded_reading(tmp_path: Path, ae: LatentAutoencoder) -> None:
     """Two gloo ranks encode disjoint chunks into one store (equal to a one-process encoding) and
     read disjoint, equal-length shards of it."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from dpt_engine.utils.dist import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_dist_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:

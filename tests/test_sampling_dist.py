@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from dpt_engine.diffusion.dpm_solver import DPMSolverPP
 from dpt_engine.diffusion.schedules import make_schedule
 from dpt_engine.models.uvit import create_uvit
 from dpt_engine.sampling import BatchSampler, ShardDataset, ShardPlan, run_generation
+from dpt_engine.utils.dist import free_port
 
 CLASSES = ["a", "b", "c"]
 PER_CLASS = 20
@@ -102,12 +102,6 @@ def _worker(rank: int, world: int, port: int, out: str, batch: int, noise_log: s
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def read_images(out: Path) -> dict[tuple[int, int], np.ndarray]:
     ds = ShardDataset(out)
     imgs = ds.get_batch(range(len(ds))).numpy().astype(np.int16)
@@ -142,7 +136,7 @@ def test_world_size_and_batch_size_do_not_change_the_samples(tmp_path: Path) -> 
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    port, out2, log2 = _free_port(), tmp_path / "ws2-bs10", tmp_path / "ws2-bs10-noise"
+    port, out2, log2 = free_port(), tmp_path / "ws2-bs10", tmp_path / "ws2-bs10-noise"
     log2.mkdir()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out2), 10, str(log2))) for r in range(2)]
     for p in procs:

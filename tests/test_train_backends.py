@@ -21,7 +21,6 @@ exactly (same ranks, same operations, same order).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from dpt_engine.config.schema import DiffusionConfig
 from dpt_engine.diffusion.trainer import DiffusionData, fit_diffusion
 from dpt_engine.models.uvit import create_uvit
+from dpt_engine.utils.dist import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -80,12 +80,6 @@ def _cfg(backend: str, zero_stage: int, grad_accum: int) -> DiffusionConfig:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, case: str, out: str) -> None:
     """One rank: an uninterrupted run, then an interrupted + resumed run; rank 0 saves the results."""
     import torch.distributed as dist
@@ -133,7 +127,7 @@ def _launch(case: str, out: Path) -> dict:
     import torch.multiprocessing as mp
 
     mp.start_processes(
-        _worker, args=(2, _free_port(), case, str(out)), nprocs=2, join=True, start_method="spawn"
+        _worker, args=(2, free_port(), case, str(out)), nprocs=2, join=True, start_method="spawn"
     )
     return torch.load(out / "result.pt", weights_only=True)
 
@@ -266,7 +260,7 @@ def test_bf16_and_skipped_steps_on_every_backend(tmp_path):
         progress=False,
     )
     mp.start_processes(
-        _extra_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _extra_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     losses = torch.load(tmp_path / "extra.pt", weights_only=True)
     ref_loss = torch.tensor([h["loss"] for h in ref_bf16.history])

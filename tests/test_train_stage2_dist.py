@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from dpt_engine.cli import main as cli_main
+from dpt_engine.utils.dist import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -35,12 +35,6 @@ ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
     dist_out, single_out = tmp_path / "ddp", tmp_path / "single"
     cmd = [
@@ -48,7 +42,7 @@ def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "dpt_engine.cli",
         "stage2",

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +36,7 @@ import torch.distributed as dist
 
 from ..config.schema import DiffusionConfig
 from ..kernels import ema_update_
-from ..utils.dist import DistInfo, dist_info, init_distributed
+from ..utils.dist import DistInfo, dist_info, free_port, init_distributed
 
 log = logging.getLogger("dpt_engine")
 
@@ -67,12 +66,6 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _destroy_process_group() -> None:
@@ -105,7 +98,7 @@ def setup_process_group(backend: str, device: torch.device) -> DistInfo:
         return init_distributed(pg_backend)
     # A distributed backend in a plain one-process run: a world of one on a free local port, so the
     # same code path (and checkpoint format) is used.
-    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+    for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(var, value)
     for var in ("RANK", "LOCAL_RANK"):
         os.environ.setdefault(var, "0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "dist_info",
+    "free_port",
     "init_distributed",
     "is_main_process",
     "main_process_first",
@@ -58,6 +60,13 @@ def dist_info() -> DistInfo:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}: check the launcher's environment")
     return DistInfo(rank=rank, world_size=world, local_rank=_env_int("LOCAL_RANK", rank))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for MASTER_PORT of a local process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
