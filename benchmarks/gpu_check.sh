@@ -15,7 +15,8 @@
 #   3. tests   - the kernel test files on CPU (interpreter, C++ ops, convergence; in parallel with
 #                pytest-xdist when installed), then every `gpu`-marked test serially (so timing
 #                assertions do not share the GPU), each with a JUnit XML report;
-#   4. bench   - python -m benchmarks.run_all --device cuda (the full settings);
+#   4. bench   - dpt bench train (ours vs the original training step: img/s, MFU, memory, NVML
+#                telemetry), then python -m benchmarks.run_all --device cuda (the full settings);
 #   5. collect - always, also after a failed or timed-out phase (EXIT trap; the summary is also
 #                rewritten after every phase in case the whole call is killed).
 #
@@ -276,7 +277,10 @@ phase tests_kernels_cpu 200 "${REQUIRE[@]}" "$PY" -m pytest -q -p no:cacheprovid
 phase tests_gpu 150 "${REQUIRE[@]}" "$PY" -m pytest -q -p no:cacheprovider -rfEs -s -m gpu \
   --continue-on-collection-errors --durations=15 --junitxml="$WORK/junit_gpu.xml" tests
 
-# 4. benchmarks (full settings)
+# 4. benchmarks: the training step vs the original design with MFU and NVML telemetry (`dpt bench
+#    train`), then the micro-benchmarks at full settings
+phase dpt_bench_train 150 "$PY" -m dpt_engine.cli bench train --device "$DEVICE" \
+  --json "$WORK/dpt_bench_train_$SLUG.json"
 phase bench 300 "$PY" -m benchmarks.run_all --device "$DEVICE"
 
 exit 0  # the EXIT trap (finish) writes the summary and sets the real exit status
