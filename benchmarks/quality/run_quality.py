@@ -18,12 +18,14 @@ checkpoint), so the benchmark can be stopped and continued with the same command
 * ``<results>/quality_fashion_mnist.png``: stage 1 vs stage 3 top-1 per k, and FID per label source.
 
 Scales: ``preset`` runs the ``fashion-mnist`` preset unchanged (3,000-step classifiers, 6,000 U-ViT
-steps, 500 images per class, FID on 2,000: about 1.5-2 hours of 2 idle cores per labels-per-class
-value); ``benchmark`` (default, the committed numbers) halves the classifier schedules to 1,500
-steps (at k=1 stage 1 plateaus early: 74.1 / 74.4 / 75.1% test top-1 after 500 / 750 / 1,000 of
-3,000 steps), trains the U-ViT for 4,000 steps and generates 300 images per class with FID on
-1,000, so the default plan (k = 1, 2, 4 with seed 0 and the two reference models) fits in a few
-hours; ``smoke`` is a minutes-long check of the machinery on a 2,000-image subset.
+steps at batch 128 in fp32, 500 images per class, FID on 2,000: roughly 4 hours of 2 cores per
+labels-per-class value, most of it the U-ViT at ~94 img/s); ``benchmark`` (default, the committed
+numbers) halves the classifier schedules to 1,500 steps (at k=1 stage 1 plateaus early: 74.1 /
+74.4 / 75.1% test top-1 after 500 / 750 / 1,000 of 3,000 steps; 1,500 steps take ~26 min), trains
+the U-ViT for 3,000 steps at batch 64 under bf16 autocast (~125 img/s: ~26 min per model) and
+generates 300 images per class with FID on 1,000; the default plan (k = 1, 2, 4 with seed 0 and
+the two reference models) then takes about 5 hours of 2 cores. ``smoke`` is a minutes-long check of
+the machinery on a 2,000-image subset.
 
     python -m benchmarks.quality.run_quality --out runs/quality --labels 1 2 4 --seeds 0 \\
         --classifier-only-seeds 1 2
@@ -45,11 +47,14 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 __all__ = ["aggregate", "build_parser", "main", "plan_runs"]
 
-# Benchmark scale (see the module docstring): the preset, with shorter schedules and fewer images.
+# Benchmark scale (see the module docstring): the preset with shorter schedules, a bf16 U-ViT and
+# fewer images.
 BENCHMARK_OVERRIDES = [
     "stage1.steps=1500",
     "stage3.steps=1500",
-    "stage2.steps=4000",
+    "stage2.steps=3000",
+    "stage2.batch_size=64",
+    "stage2.precision=bf16",
     "sample.images_per_class=300",
     "sample.fid_num_images=1000",
 ]
