@@ -26,6 +26,7 @@ from .stages.sample import run_sample
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.stage3 import run_stage3
+from .utils.dist import dist_info
 from .utils.io import atomic_write_text
 
 log = logging.getLogger("dpt_engine")
@@ -38,7 +39,10 @@ STAGES = ("stage1", "stage2", "sample", "stage3")
 def _setup_logging(out: Path) -> None:
     root = logging.getLogger("dpt_engine")
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    info = dist_info()
+    # under a multi-process launcher every rank logs: tag the lines, and give each rank its own file
+    tag = f"[rank {info.rank}] " if info.world_size > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", "%H:%M:%S")
     for h in list(root.handlers):
         if getattr(h, "_dpt_run", False):
             root.removeHandler(h)
@@ -49,7 +53,7 @@ def _setup_logging(out: Path) -> None:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
         root.addHandler(sh)
-    fh = logging.FileHandler(out / "log.txt")
+    fh = logging.FileHandler(out / ("log.txt" if info.is_main else f"log.rank{info.rank}.txt"))
     fh.setFormatter(fmt)
     fh._dpt_run = True  # type: ignore[attr-defined]
     root.addHandler(fh)
@@ -63,7 +67,8 @@ def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> St
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dist_info().is_main:  # every rank resolves the same config; one writes it
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return StageContext(cfg=cfg, out=out, device=device, progress=progress)
 
 

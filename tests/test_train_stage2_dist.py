@@ -56,6 +56,9 @@ def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli_main(["stage2", "--out", str(single_out), *ARGS]) == 0
 
+    # rank 0 logs to log.txt, rank 1 to its own file; lines carry the rank
+    assert "[rank 0]" in (dist_out / "log.txt").read_text()
+    assert "[rank 1]" in (dist_out / "log.rank1.txt").read_text()
     d_done = json.loads((dist_out / "stage2" / "done.json").read_text())
     s_done = json.loads((single_out / "stage2" / "done.json").read_text())
     assert d_done["summary"]["world_size"] == 2 and d_done["summary"]["backend"] == "ddp"
