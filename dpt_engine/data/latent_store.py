@@ -549,15 +549,17 @@ def encode_to_store(
     progress_path = path / f"progress-rank{rank}.json"
     mine = read_json(progress_path) if progress_path.is_file() else {"done": [], "skipped": []}
     done = _done_chunks(path)
-    todo = [k for k in range(num_chunks) if k % world_size == rank and k not in done]
+    pending_chunks = [k for k in range(num_chunks) if k % world_size == rank and k not in done]
     if max_chunks is not None:
-        todo = todo[:max_chunks]
+        pending_chunks = pending_chunks[:max_chunks]
     if done:
         log.info("latent store %s: resuming, %d of %d chunks done", path, len(done), num_chunks)
     mm = np.load(path / LATENTS_FILE, mmap_mode="r+")
     autoencoder = autoencoder.to(device).eval()
-    bar = tqdm(total=len(todo), desc=f"encoding latents (rank {rank})", disable=not progress, unit="chunk")
-    for k in todo:
+    bar = tqdm(
+        total=len(pending_chunks), desc=f"encoding latents (rank {rank})", disable=not progress, unit="chunk"
+    )
+    for k in pending_chunks:
         lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
         g = torch.Generator(device="cpu").manual_seed(_seed_of(seed, k))
         for s in range(lo, hi, batch_size):

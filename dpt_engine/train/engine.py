@@ -28,6 +28,7 @@ import contextlib
 import copy
 import logging
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
@@ -117,7 +118,7 @@ def _to_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in sd.items()}
 
 
-class Backend:
+class Backend(ABC):
     """Common state: config, device, rank info; subclasses implement the hooks in the module docstring."""
 
     name = "base"
@@ -131,39 +132,39 @@ class Backend:
         self.bf16 = cfg.precision == "bf16"
 
     # -- per step -----------------------------------------------------------------------------------
-    def forward(self, xt: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor: ...
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last: bool) -> None: ...
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def step(self, grad_clip: Optional[float]) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, grad_clip: Optional[float]) -> Optional[torch.Tensor]: ...
 
-    def skip_step(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def skip_step(self) -> None: ...
 
-    def ema_update(self, decay: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def ema_update(self, decay: float) -> None: ...
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save(self, ckpt_dir: Path) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None: ...
 
-    def load(self, ckpt_dir: Path) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None: ...
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        raise NotImplementedError
+    @abstractmethod
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release what the backend holds (hooks, engines)."""
 
 
