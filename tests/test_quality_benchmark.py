@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from benchmarks.quality.diagnose import main as diagnose_main
 from benchmarks.quality.run_quality import aggregate, main, plan_runs
 from dpt_engine.utils.io import read_json
 
@@ -89,3 +90,15 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     again = read_json(results / "quality_fashion_mnist.json")
     assert again["aggregate"] == out["aggregate"]
     assert {p: p.stat().st_mtime_ns for p in stage_files} == stage_files
+
+    # the diagnosis re-evaluates the saved classifiers: same test top-1 as the pipeline reported
+    diag_argv = ["--out", str(tmp_path / "runs"), "--preset", "digits", "--oracle-steps", "30"]
+    assert diagnose_main([*diag_argv, "--results", str(results), "--no-progress"]) == 0
+    diag = read_json(results / "quality_fashion_mnist_diagnosis.json")
+    assert [r["run"] for r in diag["runs"]] == ["k1_s0"]  # k1_s1 ran stage 1 only: nothing generated
+    d = diag["runs"][0]
+    assert d["stage1_test_top1"] == pytest.approx(report["metrics"]["stage1.top1"], abs=1e-6)
+    assert d["stage3_test_top1"] == pytest.approx(report["metrics"]["stage3.top1"], abs=1e-6)
+    assert d["num_generated"] == report["metrics"]["generation.num_images"]
+    assert 0.0 <= d["class_fidelity"] <= 100.0 and len(d["class_fidelity_per_class"]) == 10
+    assert diag["oracle"]["test_top1"] > 50.0  # 30 supervised steps on all digits already beat chance

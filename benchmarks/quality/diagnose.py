@@ -1,0 +1,231 @@
+"""Why does stage 3 gain (or not)? Diagnostics for the quality benchmark's finished runs.
+
+For every run directory of ``run_quality`` (``<out>/k{k}_s{s}`` with a sample, and the
+``true_labels`` reference) this measures, with an *oracle* classifier (the same ``cnn-small``
+trained fully supervised on all 60,000 true Fashion-MNIST labels, cached in ``<out>/oracle``):
+
+* class fidelity of the generated images: the share the oracle assigns to the class they were
+  generated for (how many of stage 3's extra labeled images carry the right label), overall and
+  per class; for the true-label model this is the ceiling the generator itself allows;
+* how often a generated image the oracle puts in another class is put there by the stage-1
+  classifier too (the generator reproducing stage 1's confusions: stage 3 cannot fix those);
+* stage-1 and stage-3 test top-1 per class (where stage 3 gains and where it loses).
+
+Writes ``<results>/quality_fashion_mnist_diagnosis.{json,md,png}``.
+
+    python -m benchmarks.quality.diagnose --out runs/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+__all__ = ["build_parser", "diagnose_run", "main", "train_oracle"]
+
+
+def _per_class_acc(pred: np.ndarray, true: np.ndarray, num_classes: int) -> list[float]:
+    return [
+        float((pred[true == c] == c).mean() * 100.0) if (true == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
+
+
+def train_oracle(
+    out: Path, preset: str, steps: int, progress: bool
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The fully supervised classifier on every true label (resumable in ``out/oracle``)."""
+    from dpt_engine.config.presets import resolve_config
+    from dpt_engine.data import build_splits
+    from dpt_engine.ssl import ClassifierData
+    from dpt_engine.ssl.trainer import fit_classifier
+
+    cfg = resolve_config(preset, overrides=["data.labels_per_class=1"])
+    splits = build_splits(cfg.data)
+    ccfg = cfg.stage1
+    ccfg.learner, ccfg.steps, ccfg.batch_size = "supervised", steps, 128
+    ccfg.eval_every = ccfg.checkpoint_every = max(1, steps // 4)
+    data = ClassifierData(
+        labeled=splits.train,
+        labeled_idx=np.arange(len(splits.train)),
+        unlabeled=None,
+        unlabeled_idx=None,
+        test=splits.test,
+        num_classes=splits.num_classes,
+    )
+    res = fit_classifier(ccfg, data, out / "oracle", torch.device("cpu"), seed=0, progress=progress)
+    info = {"test_top1": float(res.test_top1), "num_train": len(splits.train), "dataset": splits.name}
+    return res.model, {**info, "steps": steps, "batch_size": 128, "backbone": ccfg.backbone}
+
+
+def diagnose_run(run_dir: Path, oracle: torch.nn.Module) -> dict[str, Any]:
+    """Class fidelity of a run's generated images and per-class stage-1 / stage-3 test accuracy."""
+    from dpt_engine.config.presets import resolve_config
+    from dpt_engine.data import build_splits
+    from dpt_engine.ssl.trainer import predict_proba
+    from dpt_engine.stages.stage1 import load_classifier
+    from dpt_engine.stages.stage3 import load_pseudo_images
+
+    cfg = resolve_config(config_file=str(run_dir / "config.yaml"))
+    splits = build_splits(cfg.data)
+    nc = splits.num_classes
+    shape = (nc, splits.channels, splits.image_size)
+    pseudo_dir = Path(cfg.sample.output_dir) if cfg.sample.output_dir else run_dir / "sample" / "samples"
+    pseudo = load_pseudo_images(pseudo_dir, splits)
+    intended = pseudo.labels.numpy()
+    oracle_pred = predict_proba(oracle, pseudo).argmax(1).numpy()
+    rec: dict[str, Any] = {
+        "run": run_dir.name,
+        "num_generated": len(pseudo),
+        "class_fidelity": float((oracle_pred == intended).mean() * 100.0),
+        "class_fidelity_per_class": _per_class_acc(oracle_pred, intended, nc),
+    }
+    test_labels = splits.test.labels.numpy()
+    s1_dir = run_dir / "stage1"
+    if (s1_dir / "model.pt").is_file():
+        s1 = load_classifier(cfg.stage1, s1_dir, *shape, cfg.run.seed, torch.device("cpu"))
+        s1_pseudo = predict_proba(s1, pseudo).argmax(1).numpy()
+        wrong = oracle_pred != intended
+        rec["stage1_agrees_with_label"] = float((s1_pseudo == intended).mean() * 100.0)
+        # of the off-class images: the share the stage-1 classifier *also* puts in the intended class
+        rec["off_class_that_stage1_calls_intended"] = (
+            float((s1_pseudo[wrong] == intended[wrong]).mean() * 100.0) if wrong.any() else None
+        )
+        s1_test = predict_proba(s1, splits.test).argmax(1).numpy()
+        rec["stage1_test_top1"] = float((s1_test == test_labels).mean() * 100.0)
+        rec["stage1_test_per_class"] = _per_class_acc(s1_test, test_labels, nc)
+    s3_dir = run_dir / "stage3"
+    if (s3_dir / "model.pt").is_file():
+        s3 = load_classifier(cfg.stage3, s3_dir, *shape, cfg.run.seed, torch.device("cpu"))
+        s3_test = predict_proba(s3, splits.test).argmax(1).numpy()
+        rec["stage3_test_top1"] = float((s3_test == test_labels).mean() * 100.0)
+        rec["stage3_test_per_class"] = _per_class_acc(s3_test, test_labels, nc)
+    rec["classes"] = list(splits.classes)
+    return rec
+
+
+def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Quality benchmark diagnosis: what stage 3 is trained on",
+        "",
+        f"Oracle: {oracle['backbone']} trained on all {oracle['num_train']:,} true {oracle['dataset']} labels "
+        f"({oracle['steps']} steps at batch {oracle['batch_size']}), test top-1 {oracle['test_top1']:.1f}%.",
+        "",
+        "| run | generated | class fidelity (oracle, %) | stage-1 agrees with label (%) "
+        "| off-class images stage 1 also calls the intended class (%) | stage-1 top-1 | stage-3 top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    for r in recs:
+        lines.append(
+            f"| {r['run']} | {r['num_generated']} | {f(r['class_fidelity'])} | {f(r.get('stage1_agrees_with_label'))} "
+            f"| {f(r.get('off_class_that_stage1_calls_intended'))} | {f(r.get('stage1_test_top1'))} "
+            f"| {f(r.get('stage3_test_top1'))} |"
+        )
+    per = [r for r in recs if "stage3_test_per_class" in r]
+    if per:
+        classes = per[0]["classes"]
+        lines += [
+            "",
+            "Per class (test top-1 stage 1 -> stage 3, and class fidelity of the generated images):",
+            "",
+            "| class | " + " | ".join(r["run"] for r in per) + " |",
+            "| --- | " + " | ".join("---" for _ in per) + " |",
+        ]
+        for c, name in enumerate(classes):
+            cells = [
+                f"{r['stage1_test_per_class'][c]:.0f} -> {r['stage3_test_per_class'][c]:.0f} "
+                f"(fid. {r['class_fidelity_per_class'][c]:.0f})"
+                for r in per
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpt_engine.utils.io import atomic_path
+
+    classes = recs[0]["classes"]
+    x = np.arange(len(classes))
+    width = 0.8 / len(recs)
+    fig, ax = plt.subplots(figsize=(11, 4), layout="constrained")
+    for j, r in enumerate(recs):
+        ax.bar(
+            x + j * width,
+            r["class_fidelity_per_class"],
+            width,
+            label=f"{r['run']} ({r['class_fidelity']:.0f}%)",
+        )
+    ax.set_xticks(x + 0.4 - width / 2, classes, rotation=20)
+    ax.set_ylabel("generated images the oracle puts in their class (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("Class fidelity of the pseudo images per class")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/quality", help="the run_quality --out directory")
+    p.add_argument("--preset", default="fashion-mnist")
+    p.add_argument("--oracle-steps", type=int, default=1000, help="supervised steps at batch 128")
+    p.add_argument("--results", default=str(RESULTS_DIR))
+    p.add_argument("--name", default="quality_fashion_mnist_diagnosis")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dpt_engine.utils.io import atomic_write_json, atomic_write_text
+
+    out, results = Path(args.out), Path(args.results)
+    runs = (
+        sorted(
+            d
+            for d in out.iterdir()
+            if d.is_dir() and (d / "sample" / "done.json").is_file() and d.name != "unconditional"
+        )
+        if out.is_dir()
+        else []
+    )
+    if not runs:
+        raise SystemExit(
+            f"no finished runs with generated images under '{out}': run benchmarks.quality.run_quality first"
+        )
+    oracle, oracle_info = train_oracle(out, args.preset, args.oracle_steps, not args.no_progress)
+    recs = []
+    for d in runs:
+        print(f"[diagnose] {d.name}", flush=True)
+        recs.append(diagnose_run(d, oracle))
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        results / f"{args.name}.json",
+        {"oracle": oracle_info, "runs": recs},
+    )
+    md = markdown(oracle_info, recs)
+    atomic_write_text(results / f"{args.name}.md", md)
+    plot(recs, results / f"{args.name}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
