@@ -111,6 +111,39 @@ def diagnose_run(run_dir: Path, oracle: torch.nn.Module) -> dict[str, Any]:
     return rec
 
 
+def checkpoint_sweep(
+    run_dir: Path, oracle: torch.nn.Module, work: Path, per_class: int
+) -> list[dict[str, Any]]:
+    """Class fidelity of images sampled from each kept stage-2 checkpoint (EMA weights) of a run:
+    does the generator's class fidelity still rise with training at the end of the schedule?"""
+    from dpt_engine.config.presets import resolve_config
+    from dpt_engine.data import build_splits
+    from dpt_engine.pipeline import run_pipeline
+    from dpt_engine.ssl.trainer import predict_proba
+    from dpt_engine.stages.stage3 import load_pseudo_images
+
+    ckpts = sorted((run_dir / "stage2" / "checkpoints").glob("step-*/model_optim.pt"))
+    rows = []
+    for ck in ckpts:
+        step = int(ck.parent.name.split("-")[1])
+        out = work / run_dir.name / f"step-{step:08d}"
+        overrides = [
+            f"sample.checkpoint={ck.resolve()}",
+            f"sample.images_per_class={per_class}",
+            "sample.fid=false",
+            f"sample.output_dir={(out / 'samples').resolve()}",
+        ]
+        cfg = resolve_config(config_file=str(run_dir / "config.yaml"), overrides=overrides)
+        run_pipeline(cfg, out, stages=["sample"], progress=False)
+        splits = build_splits(cfg.data)
+        images = load_pseudo_images(out / "samples", splits)
+        pred = predict_proba(oracle, images).argmax(1).numpy()
+        fid = float((pred == images.labels.numpy()).mean() * 100.0)
+        print(f"[diagnose] {run_dir.name} stage-2 step {step}: class fidelity {fid:.1f}%", flush=True)
+        rows.append({"run": run_dir.name, "step": step, "num_images": len(images), "class_fidelity": fid})
+    return rows
+
+
 def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
     lines = [
         "# Quality benchmark diagnosis: what stage 3 is trained on",
@@ -189,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=str(RESULTS_DIR))
     p.add_argument("--name", default="quality_fashion_mnist_diagnosis")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--sweep",
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        help="runs whose kept stage-2 checkpoints are each sampled (--sweep-per-class images per class) and scored",
+    )
+    p.add_argument("--sweep-per-class", type=int, default=20)
     return p
 
 
@@ -215,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     for d in runs:
         print(f"[diagnose] {d.name}", flush=True)
         recs.append(diagnose_run(d, oracle))
+    sweep = []
+    for name in args.sweep:
+        sweep += checkpoint_sweep(out / name, oracle, out / "diagnosis", args.sweep_per_class)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
-        results / f"{args.name}.json",
-        {"oracle": oracle_info, "runs": recs},
+        results / f"{args.name}.json", {"oracle": oracle_info, "runs": recs, "checkpoint_sweep": sweep}
     )
     md = markdown(oracle_info, recs)
+    if sweep:
+        md += "\nClass fidelity over stage-2 training (EMA weights of the kept checkpoints):\n\n"
+        md += "| run | stage-2 step | images | class fidelity (%) |\n| --- | --- | --- | --- |\n"
+        md += "".join(
+            f"| {r['run']} | {r['step']} | {r['num_images']} | {r['class_fidelity']:.1f} |\n" for r in sweep
+        )
     atomic_write_text(results / f"{args.name}.md", md)
     plot(recs, results / f"{args.name}.png")
     print(md)
