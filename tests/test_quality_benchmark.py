@@ -93,6 +93,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
 
     # the diagnosis re-evaluates the saved classifiers: same test top-1 as the pipeline reported
     diag_argv = ["--out", str(tmp_path / "runs"), "--preset", "digits", "--oracle-steps", "30"]
+    diag_argv += ["--sweep", "k1_s0", "--sweep-per-class", "2"]
     assert diagnose_main([*diag_argv, "--results", str(results), "--no-progress"]) == 0
     diag = read_json(results / "quality_fashion_mnist_diagnosis.json")
     assert [r["run"] for r in diag["runs"]] == ["k1_s0"]  # k1_s1 ran stage 1 only: nothing generated
@@ -102,3 +103,10 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     assert d["num_generated"] == report["metrics"]["generation.num_images"]
     assert 0.0 <= d["class_fidelity"] <= 100.0 and len(d["class_fidelity_per_class"]) == 10
     assert diag["oracle"]["test_top1"] > 50.0  # 30 supervised steps on all digits already beat chance
+    kept = sorted(
+        p.parent.name for p in (tmp_path / "runs/k1_s0/stage2/checkpoints").glob("step-*/model_optim.pt")
+    )
+    assert [f"step-{r['step']:08d}" for r in diag["checkpoint_sweep"]] == kept and kept
+    assert all(
+        r["num_images"] == 20 and 0.0 <= r["class_fidelity"] <= 100.0 for r in diag["checkpoint_sweep"]
+    )
