@@ -116,7 +116,12 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
             "per_class_count": pl.get("per_class_count"),
         },
         "generation": {k: s2.get(k) for k in ("fid", "kid", "num_images", "images_per_class")} if s2 else {},
-        "stage3": {"top1": s3.get("top1"), "gain": s3.get("gain"), "num_pseudo": s3.get("num_pseudo")},
+        "stage3": {
+            "top1": s3.get("top1"),
+            "gain": s3.get("gain"),
+            "num_pseudo": s3.get("num_pseudo"),
+            "pseudo_stage1_agreement": s3.get("pseudo_stage1_agreement"),
+        },
         "wall_time_s": {name: r.wall_time_s for name, r in stages.items()},
         "skipped": {name: r.skipped for name, r in stages.items()},
         "stages_run": list(stages),

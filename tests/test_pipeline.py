@@ -43,13 +43,14 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_pseudo_folder(root: Path, splits, per_class: int = 5) -> None:
-    """Real held-in training images written as an ImageFolder tree (stands in for stage 2 output)."""
+def _write_pseudo_folder(root: Path, splits, per_class: int = 5, shift: int = 0) -> None:
+    """Real held-in training images written as an ImageFolder tree (stands in for stage 2 output);
+    ``shift`` files class c's images under class c + shift (a generator that ignores its labels)."""
     from PIL import Image
 
     labels = splits.train.labels.numpy()
-    for c, name in enumerate(splits.classes):
-        d = root / safe_class_dirname(name)
+    for c in range(len(splits.classes)):
+        d = root / safe_class_dirname(splits.classes[(c + shift) % len(splits.classes)])
         d.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
             Image.fromarray(splits.train[int(i)][0][0].numpy()).save(d / f"{c:04d}_{j:06d}.png")
@@ -124,6 +125,30 @@ def test_stage3_on_image_folder(tmp_path):
     assert all(v == 5 for v in res.summary["pseudo_per_class"].values())
     assert res.summary["top1"] is not None
     assert res.summary["gain"] == pytest.approx(res.summary["top1"] - 50.0)
+    assert "pseudo_stage1_agreement" not in res.summary  # no stage-1 classifier in this run
+
+
+def test_stage3_warns_when_pseudo_images_are_off_class(tmp_path, caplog):
+    """Stage 3 measures how many pseudo images stage 1 puts in their intended class, and warns
+    when a generator ignores its labels (the images of class c filed under class c + 1)."""
+    cfg = resolve_config("digits", overrides=[*FAST, "stage1.steps=60"])
+    splits = build_splits(cfg.data)
+    ctx = setup_run(cfg, tmp_path / "run", progress=False)
+    run_stage1(ctx, splits)
+    agreement = {}
+    for shift in (0, 1):
+        pseudo = tmp_path / f"pseudo{shift}"
+        _write_pseudo_folder(pseudo, splits, per_class=20, shift=shift)
+        cfg_s = resolve_config("digits", overrides=[*FAST, "stage1.steps=60", f"stage3.pseudo_dir={pseudo}"])
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dpt_engine"):
+            res = run_stage3(setup_run(cfg_s, tmp_path / "run", progress=False), splits)
+        agreement[shift] = res.summary["pseudo_stage1_agreement"]
+        warned = any(
+            "not class-faithful" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+        )
+        assert warned == (agreement[shift] < 0.5)
+    assert agreement[0] > 0.6 and agreement[1] < 0.3  # stage 1 (60 steps) already tells the digits apart
 
 
 def test_bad_input_fails_cleanly_and_keeps_artifacts(tmp_path, capsys):

@@ -116,28 +116,78 @@ def _tree_signature(root: Path) -> dict[str, Any]:
     return {"files": n, "bytes": size}
 
 
-def _filter_by_stage1(ctx: StageContext, sp: DatasetSplits, pseudo: FolderImageDataset):
-    """Keep only the pseudo images that the stage-1 classifier assigns to their intended class."""
+# the stage-1 agreement check reads at most this many pseudo images (ImageNet: 1.28M)
+_AGREEMENT_SAMPLE = 2000
+# warn when the stage-1 classifier puts fewer of the pseudo images into their intended class
+_AGREEMENT_WARN = 0.5
+
+
+def _stage1_agreement(
+    ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset, limit: Optional[int] = None
+) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """Whether the stage-1 classifier assigns each pseudo image to the class it was generated for.
+
+    Returns ``(agree, idx)`` for the pseudo images ``idx`` (all, or ``limit`` chosen with a fixed
+    seed); ``agree`` is None when there is no stage-1 classifier (``pseudo_dir`` given by hand).
+    """
     from ..ssl import predict_proba
 
-    model = load_classifier(
-        ctx.cfg.stage1,
-        ctx.stage_dir("stage1"),
-        sp.num_classes,
-        sp.channels,
-        sp.image_size,
-        ctx.cfg.run.seed,
-        ctx.device,
-    )
-    probs = predict_proba(
-        model, pseudo, np.arange(len(pseudo)), device=ctx.device, num_workers=ctx.cfg.run.num_workers
-    )
-    agree = (probs.argmax(1) == pseudo.labels).numpy()
+    idx = np.arange(len(pseudo))
+    if limit is not None and len(idx) > limit:
+        idx = np.sort(np.random.default_rng(0).choice(len(idx), limit, replace=False))
+    try:
+        model = load_classifier(
+            ctx.cfg.stage1,
+            ctx.stage_dir("stage1"),
+            sp.num_classes,
+            sp.channels,
+            sp.image_size,
+            ctx.cfg.run.seed,
+            ctx.device,
+        )
+    except FileNotFoundError:
+        return None, idx
+    probs = predict_proba(model, pseudo, idx, device=ctx.device, num_workers=ctx.cfg.run.num_workers)
+    return (probs.argmax(1) == pseudo.labels[torch.as_tensor(idx)]).numpy(), idx
+
+
+def _filter_by_stage1(ctx: StageContext, sp: DatasetSplits, pseudo: FolderImageDataset):
+    """Keep only the pseudo images that the stage-1 classifier assigns to their intended class."""
+    agree, _ = _stage1_agreement(ctx, sp, pseudo)
+    if agree is None:
+        raise DataError(
+            f"stage3.filter_pseudo=true needs stage 1's classifier at {ctx.stage_dir('stage1') / 'model.pt'}: "
+            "run stage 1 first or set stage3.filter_pseudo=false"
+        )
     if not agree.any():
         raise DataError("stage3.filter_pseudo: the stage-1 classifier rejects every pseudo image")
     kept = pseudo.subset(np.flatnonzero(agree))
     log.info("stage3: filter_pseudo keeps %d of %d pseudo images", len(kept), len(pseudo))
-    return kept, {"pseudo_before_filter": len(pseudo), "pseudo_kept_fraction": float(agree.mean())}
+    info = {"pseudo_before_filter": len(pseudo), "pseudo_kept_fraction": float(agree.mean())}
+    return kept, {**info, "pseudo_stage1_agreement": float(agree.mean())}
+
+
+def _check_agreement(ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset) -> dict[str, Any]:
+    """Log (and warn about) how many pseudo images stage 1 puts in their intended class."""
+    agree, idx = _stage1_agreement(ctx, sp, pseudo, limit=_AGREEMENT_SAMPLE)
+    if agree is None:
+        return {}
+    frac = float(agree.mean())
+    log.info(
+        "stage3: the stage-1 classifier puts %.1f%% of %d pseudo images into the class they were generated for",
+        100 * frac,
+        len(idx),
+    )
+    if frac < _AGREEMENT_WARN:
+        log.warning(
+            "stage3: only %.0f%% of the pseudo images look like their class to the stage-1 classifier "
+            "(chance: %.0f%%): the generator is not class-faithful yet, and training on these labels can "
+            "put stage 3 below stage 1. Train stage 2 longer (stage2.steps) or set "
+            "stage3.filter_pseudo=true to keep only the images stage 1 agrees with",
+            100 * frac,
+            100 / sp.num_classes,
+        )
+    return {"pseudo_stage1_agreement": frac}
 
 
 def run_stage3(
@@ -161,9 +211,10 @@ def run_stage3(
     def body(stage_dir: Path) -> dict[str, Any]:
         sp = splits if splits is not None else build_splits(cfg.data)
         pseudo = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
-        filter_info: dict[str, Any] = {}
         if cfg.stage3.filter_pseudo:
             pseudo, filter_info = _filter_by_stage1(ctx, sp, pseudo)
+        else:
+            filter_info = _check_agreement(ctx, sp, pseudo)
         real = sp.train
         combined = ConcatImageDataset([real, pseudo])
         pseudo_idx = len(real) + np.arange(len(pseudo))
