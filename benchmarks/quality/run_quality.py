@@ -22,9 +22,14 @@ steps at batch 128 in fp32, 500 images per class, FID on 2,000: roughly 4 hours 
 labels-per-class value, most of it the U-ViT at ~94 img/s). ``benchmark`` (default, the committed
 numbers) is sized to finish in about two and a half hours on 2 cores with ``--jobs 2``: 700-step
 classifiers (at k=1 stage 1 plateaus early: 74.1 / 74.4 / 75.1% test top-1 after 500 / 750 /
-1,000 steps; ~1.7 s/step on one thread), a U-ViT trained for 1,000 steps at batch 64 under bf16
-autocast (~65 img/s on one thread), 100 generated images per class, FID on 1,000 generated vs
-1,000 real images. ``smoke`` is a minutes-long check of the machinery on a 2,000-image subset.
+1,000 steps), a U-ViT trained for 1,000 steps at batch 64 under bf16 autocast, 100 generated
+images per class, FID on 1,000 generated vs 1,000 real images. Measured per run on one thread
+with two runs side by side: stage 1 21-22 min, stage 2 18-20 min, sampling + FID 11-15 min
+(the first run also computes the real images' Inception statistics), stage 3 24-25 min.
+At this scale the U-ViT is not yet class-faithful (see ``diagnose.py`` and the README), so
+stage 3 loses to stage 1; showing DPT's gain needs a longer U-ViT schedule (``--scale preset``,
+not measured yet, or a GPU).
+``smoke`` is a minutes-long check of the machinery on a 2,000-image subset.
 
     python -m benchmarks.quality.run_quality --out runs/quality --labels 1 2 4 --seeds 0 \\
         --classifier-only-seeds 1 2 --jobs 2
