@@ -90,6 +90,11 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     again = read_json(results / "quality_fashion_mnist.json")
     assert again["aggregate"] == out["aggregate"]
     assert {p: p.stat().st_mtime_ns for p in stage_files} == stage_files
+    # --no-run only aggregates: a plan with one more seed lists it as missing and runs nothing
+    assert main([*argv, "--no-run", "--classifier-only-seeds", "1", "2"]) == 0
+    partial = read_json(results / "quality_fashion_mnist.json")
+    assert partial["meta"]["missing"] == ["k1_s2"] and not partial["meta"]["complete"]
+    assert partial["aggregate"] == out["aggregate"] and not (tmp_path / "runs" / "k1_s2").exists()
 
     # the diagnosis re-evaluates the saved classifiers: same test top-1 as the pipeline reported
     diag_argv = ["--out", str(tmp_path / "runs"), "--preset", "digits", "--oracle-steps", "30"]
