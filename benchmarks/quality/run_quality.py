@@ -142,6 +142,20 @@ def plan_runs(
     return runs
 
 
+def _record(run: dict[str, Any], extra: list[str], report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One results row: the run's identity, its config overrides and its report's metrics."""
+    return {
+        "name": run["name"],
+        "kind": run["kind"],
+        "labels_per_class": run["labels_per_class"],
+        "seed": run["seed"],
+        "overrides": run["overrides"] + extra,
+        "metrics": report["metrics"],
+        "wall_time_s": report["wall_time_s"],
+        "wall_time_this_call_s": seconds,
+    }
+
+
 def _finished_record(run: dict[str, Any], out: Path, extra: list[str]) -> dict[str, Any] | None:
     """The record of a run that already finished all its stages (from its report.json), else None."""
     from dpt_engine.utils.io import read_json
@@ -152,16 +166,7 @@ def _finished_record(run: dict[str, Any], out: Path, extra: list[str]) -> dict[s
     report = read_json(path)
     if not set(run["stages"]) <= set(report.get("stages_run", [])):
         return None
-    return {
-        "name": run["name"],
-        "kind": run["kind"],
-        "labels_per_class": run["labels_per_class"],
-        "seed": run["seed"],
-        "overrides": run["overrides"] + extra,
-        "metrics": report["metrics"],
-        "wall_time_s": report["wall_time_s"],
-        "wall_time_this_call_s": 0.0,
-    }
+    return _record(run, extra, report, 0.0)
 
 
 def _run_one(run: dict[str, Any], out: Path, preset: str, extra: list[str], progress: bool) -> dict[str, Any]:
@@ -171,16 +176,7 @@ def _run_one(run: dict[str, Any], out: Path, preset: str, extra: list[str], prog
     cfg = resolve_config(preset, overrides=run["overrides"] + extra)
     t0 = time.perf_counter()
     report = run_pipeline(cfg, out / run["name"], stages=run["stages"], progress=progress)
-    return {
-        "name": run["name"],
-        "kind": run["kind"],
-        "labels_per_class": run["labels_per_class"],
-        "seed": run["seed"],
-        "overrides": run["overrides"] + extra,
-        "metrics": report["metrics"],
-        "wall_time_s": report["wall_time_s"],
-        "wall_time_this_call_s": time.perf_counter() - t0,
-    }
+    return _record(run, extra, report, time.perf_counter() - t0)
 
 
 def _mean_std(xs: list[float]) -> dict[str, Any]:
