@@ -73,7 +73,10 @@ def test_kill_9_mid_save_leaves_previous_checkpoint_usable(tmp_path):
         fit_diffusion(net, cfg, data, Path({str(work)!r}), torch.device("cpu"), seed=0, progress=False)
         """
     )
-    env = {**os.environ, "DPT_TEST_SAVE_DELAY": "4:60", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # the child computes steps 1-2 of the compared run: it must use this process's thread count, since
+    # CPU reductions (and so the weights' last bits) depend on it
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "DPT_TEST_SAVE_DELAY": "4:60", "OMP_NUM_THREADS": threads, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 120
@@ -156,3 +159,31 @@ def test_legacy_single_file_checkpoint_resumes(tmp_path):
     assert res.resumed_from == 2
     for k, v in ref.ema.state_dict().items():
         assert torch.equal(res.ema.state_dict()[k], v), k
+
+
+def test_tampered_or_foreign_checkpoint_is_refused_before_loading(tmp_path):
+    """meta.json records every file's sha256; a changed, added or undigested checkpoint is not loaded
+    (DeepSpeed's loader and DCP unpickle their files, so only what dpt wrote may reach them)."""
+    from dpt_engine.train.checkpoint import CheckpointIntegrityError, CheckpointManager
+
+    net, data, cfg = _make()
+    short = DiffusionConfig(**{**cfg.__dict__, "steps": 4})
+    fit_diffusion(net, short, data, tmp_path, CPU, seed=0, progress=False)
+    ckpt = tmp_path / "checkpoints" / "step-00000004"
+    CheckpointManager.check(ckpt, require_digests=True)  # untouched: passes
+    before = (ckpt / "trainer.pt").read_bytes()
+    (ckpt / "trainer.pt").write_bytes(before[:-1] + bytes([before[-1] ^ 1]))
+    net, data, cfg = _make()
+    with pytest.raises(CheckpointIntegrityError, match=r"trainer\.pt changed since it was written"):
+        fit_diffusion(net, cfg, data, tmp_path, CPU, seed=0, progress=False)
+    (ckpt / "trainer.pt").write_bytes(before)
+    (ckpt / "extra.pkl").write_bytes(b"not ours")
+    with pytest.raises(CheckpointIntegrityError, match=r"unlisted: \['extra\.pkl'\]"):
+        CheckpointManager.check(ckpt, require_digests=False)
+    (ckpt / "extra.pkl").unlink()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["sha256"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    CheckpointManager.check(ckpt, require_digests=False)  # weights_only backends: allowed
+    with pytest.raises(CheckpointIntegrityError, match="lists no file digests"):
+        CheckpointManager.check(ckpt, require_digests=True)

@@ -258,6 +258,8 @@ def _resume(
             f"Resume with --nproc_per_node/--nnodes giving {meta['world_size']} ranks, or convert it with "
             "DeepSpeed's zero_to_fp32.py and start a new run"
         )
+    # DeepSpeed's loader and DCP unpickle their files: load only what this code wrote, unchanged
+    ckpts.verify(latest, require_digests=backend.name in ("deepspeed", "fsdp2"))
     backend.load(latest)
     trainer = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=True)
     gen.set_state(trainer["generator"])

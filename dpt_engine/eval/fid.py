@@ -38,7 +38,6 @@ import importlib.util
 import io
 import os
 import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,6 +60,8 @@ except ImportError as _e:  # pragma: no cover - torch-fidelity is part of the [d
         "(or pip install 'dpt_engine[diffusion]')"
     ) from _e
 
+from ..models.checkpoints import read_state_dict
+from ..models.torchscript_tensors import is_torchscript_archive, read_torchscript_state_dict
 from ..utils.io import atomic_save_npz
 
 __all__ = [
@@ -168,15 +169,10 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     return p
 
 
-def _is_torchscript_archive(path: Path) -> bool:
-    """True for a TorchScript zip (it holds ``<name>/constants.pkl`` and ``<name>/code/``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load``: this *runs* the archive's TorchScript program (its ``__setstate__`` methods
+    at load time). Only the reference extractor (:class:`TorchScriptInception`) uses it; the metrics read
+    weights with :func:`read_torchscript_state_dict`, which executes nothing."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated" in torch >= 2.10
         return torch.jit.load(str(path), map_location="cpu").eval()
@@ -233,16 +229,15 @@ class TFInceptionV3Pool3(FeatureExtractorInceptionV3):
         **kwargs: Any,
     ) -> None:
         path = find_inception_weights(feature_extractor_weights_path)
-        source: str | io.BytesIO
-        if _is_torchscript_archive(path):
-            # torch-fidelity's constructor torch.load()s its weights argument; hand it the raw
-            # TorchScript tensors (keys net.layers.*) and convert them in load_state_dict below,
-            # where the module tree to map them onto exists.
-            source = io.BytesIO()
-            torch.save(_load_torchscript(path).state_dict(), source)
-            source.seek(0)
-        else:
-            source = str(path)
+        # torch-fidelity's constructor torch.load()s its weights argument with weights_only=False, so
+        # it never sees the user's file: we read the tensors safely (a TorchScript archive without
+        # running it, anything else with weights_only=True) and hand it an in-memory copy of those
+        # tensors alone. TorchScript tensors (keys net.layers.*) are converted in load_state_dict
+        # below, where the module tree to map them onto exists.
+        state = read_torchscript_state_dict(path) if is_torchscript_archive(path) else read_state_dict(path)
+        source = io.BytesIO()
+        torch.save(state, source)
+        source.seek(0)
         if feature_extractor_internal_dtype is not None:
             kwargs["feature_extractor_internal_dtype"] = feature_extractor_internal_dtype
         super().__init__(name, list(features_list), feature_extractor_weights_path=source, **kwargs)
@@ -339,7 +334,7 @@ class TorchScriptInception(nn.Module):
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
         path = find_inception_weights(weights)
-        if not _is_torchscript_archive(path):
+        if not is_torchscript_archive(path):
             raise ValueError(f"{path} is not a TorchScript archive; TorchScriptInception needs default_1.pt")
         self.weights_path = path
         self.net = _load_torchscript(path)

@@ -18,6 +18,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -31,12 +32,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..models.checkpoints import CheckpointError
 from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_write_json, read_json
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointIntegrityError",
+    "CheckpointManager",
+    "capture_rng_state",
+    "restore_rng_state",
+]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -72,17 +80,39 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory under ``path`` (so the rename publishes durable data)."""
+# meta.json's "format": checkpoints that carry it also list every file's sha256, checked before
+# anything is loaded from them
+CHECKPOINT_FORMAT = "dpt-checkpoint-2"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(path: Path) -> dict[str, str]:
+    """fsync every file and directory under ``path`` (so the rename publishes durable data); return
+    every file's sha256 by relative path."""
+    digests: dict[str, str] = {}
     for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            full = Path(dirpath, name)
+            digests[str(full.relative_to(path))] = _sha256(full)
+            with open(full, "rb") as f:
                 os.fsync(f.fileno())
         fd = os.open(dirpath, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    return digests
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint directory that dpt did not write, or whose files changed since it did."""
 
 
 class CheckpointManager:
@@ -143,10 +173,17 @@ class CheckpointManager:
         final = self.step_dir(step)
         if info.is_main:
             _test_delay(step)
-            _fsync_tree(tmp)
+            digests = _fsync_tree(tmp)
             atomic_write_json(
                 tmp / "meta.json",
-                {**meta, "step": step, "world_size": info.world_size, "files": sorted(_files(tmp))},
+                {
+                    **meta,
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "world_size": info.world_size,
+                    "files": sorted(digests),
+                    "sha256": digests,
+                },
             )
             if final.exists():  # a save of the same step (e.g. a rerun); replace it
                 shutil.rmtree(final)
@@ -164,6 +201,56 @@ class CheckpointManager:
     @staticmethod
     def read_meta(ckpt: Path) -> dict[str, Any]:
         return read_json(ckpt / "meta.json")
+
+    @staticmethod
+    def verify(ckpt: Path, require_digests: bool) -> None:
+        """:meth:`check` on rank 0, its verdict raised on every rank."""
+        error = None
+        if dist_info().is_main:
+            try:
+                CheckpointManager.check(ckpt, require_digests)
+            except CheckpointIntegrityError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            raise CheckpointIntegrityError(error)
+
+    @staticmethod
+    def check(ckpt: Path, require_digests: bool) -> None:
+        """Check that ``ckpt`` holds exactly the files its ``meta.json`` lists, with their sha256.
+
+        DeepSpeed's loader and DCP's ``.metadata`` unpickle their files, so a sharded checkpoint is
+        loaded only when this check passes: it proves the files are the ones this code wrote (not
+        swapped, truncated or added since). ``require_digests``: refuse checkpoints without digests
+        (written by dpt before they were recorded, or not by dpt). Raises
+        :class:`CheckpointIntegrityError` naming the file and the fix.
+        """
+        fix = f"resume only from checkpoints this run wrote; to start the stage over, move {ckpt.parent} away"
+        try:
+            meta = read_json(ckpt / "meta.json")
+        except (OSError, ValueError) as e:
+            raise CheckpointIntegrityError(f"{ckpt}: unreadable meta.json ({e}); {fix}") from None
+        digests = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(digests, dict):
+            if require_digests:
+                raise CheckpointIntegrityError(
+                    f"{ckpt}: meta.json lists no file digests (format {meta.get('format', 'none')!r}, expected "
+                    f"{CHECKPOINT_FORMAT!r}): it was not written by this version of dpt, and its files would be "
+                    f"unpickled; {fix}"
+                )
+            return
+        present = {f for f in _files(ckpt) if f != "meta.json"}
+        listed = set(digests)
+        if present != listed:
+            extra, missing = sorted(present - listed), sorted(listed - present)
+            raise CheckpointIntegrityError(
+                f"{ckpt}: files differ from its meta.json (unlisted: {extra[:5]}, missing: {missing[:5]}); {fix}"
+            )
+        for name, digest in digests.items():
+            if _sha256(ckpt / name) != digest:
+                raise CheckpointIntegrityError(
+                    f"{ckpt}: {name} changed since it was written (sha256 differs); {fix}"
+                )
 
 
 def _test_delay(step: int) -> None:
