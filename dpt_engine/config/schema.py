@@ -90,6 +90,15 @@ class ClassifierConfig:
     keep_unlabeled: bool = True  # keep the real unlabeled data in the semi-supervised loss
     pseudo_weight: float = 1.0  # loss weight of the pseudo images relative to real labeled ones
     filter_pseudo: bool = False  # keep only pseudo images the stage-1 classifier assigns to their class
+    # per-pseudo-image loss weight, relative to a real labeled image:
+    #   uniform: pseudo_weight;
+    #   stage1-agreement: pseudo_weight x trust, trust = (a - 1/C) / (1 - 1/C) clipped to [0, 1] with a
+    #     the share of pseudo images the stage-1 classifier puts in their intended class (a useless
+    #     generator, a ~ chance, gets weight 0: stage 3 then trains on the real images alone);
+    #   stage1-confidence: pseudo_weight x the stage-1 probability of the image's intended class.
+    # The two stage-1 modes make the weights absolute (a batch of weight-0 images adds nothing).
+    pseudo_weighting: Literal["uniform", "stage1-agreement", "stage1-confidence"] = "uniform"
+    init_from_stage1: bool = False  # start from stage 1's weights (fine-tune) instead of from scratch
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "uratio", "eval_every", "checkpoint_every", "probe_max_iter"):
@@ -114,7 +123,7 @@ class DiffusionConfig:
     AdamW with linear warmup then constant lr; an fp32 EMA of the weights (used for sampling).
     """
 
-    model: str = "uvit-tiny8"  # U-ViT registry name (dpt_engine.models.uvit.list_uvits())
+    model: str = "uvit-tiny8"  # denoiser registry name: uvit-* or unet-* (models.denoisers.list_denoisers())
     schedule: ScheduleName = "discrete-linear"
     steps: int = 4000
     batch_size: int = 128
@@ -130,6 +139,10 @@ class DiffusionConfig:
     confidence_threshold: Optional[float] = None  # train only on pseudo-labels at least this confident
     confidence_weighting: bool = False  # weight each image's loss by its pseudo-label confidence
     hflip: bool = False  # random horizontal flips of the training images
+    # per-image loss weight by noise level: uniform (DDPM's simple loss) or min-snr (Min-SNR-gamma,
+    # Hang et al. 2023: min(SNR, gamma) / SNR for epsilon prediction)
+    loss_weighting: Literal["uniform", "min-snr"] = "uniform"
+    min_snr_gamma: float = 5.0
     # latent space: the original SD KL autoencoder file (autoencoder_kl[_ema].pth, ldm names) or a
     # local diffusers AutoencoderKL directory; None = pixel space
     autoencoder: Optional[str] = None
@@ -175,6 +188,14 @@ class DiffusionConfig:
                 "stage2.offload_optimizer=true needs stage2.backend=deepspeed with stage2.zero_stage >= 1 "
                 f"(got backend={self.backend}, zero_stage={self.zero_stage})"
             )
+        from ..models.denoisers import list_denoisers
+
+        if self.model not in list_denoisers():
+            raise ConfigError(
+                f"stage2.model={self.model!r} is not a registered model; choose from {list_denoisers()}"
+            )
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"stage2.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"stage2.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold < 1.0:

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config.schema import DiffusionConfig
-from ..models.uvit import UViTConfig, flops_per_forward
-from ..train.batch import draw_global_batch, micro_batches, micro_loss
+from ..models.denoisers import denoiser_flops
+from ..train.batch import draw_global_batch, micro_batches, micro_loss, min_snr_weight
 from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
@@ -120,8 +120,7 @@ def fit_diffusion(
     whole_batch = info.world_size * cfg.grad_accum == 1
     micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
     interrupt_at = int(os.environ.get("DPT_TEST_INTERRUPT_AT_STEP", "0") or 0)
-    ucfg = getattr(net, "cfg", None)
-    fwd_flops = flops_per_forward(ucfg) if isinstance(ucfg, UViTConfig) else None
+    fwd_flops = denoiser_flops(net)
     peak, peak_src = peak_flops(device, backend.bf16) if info.is_main and fwd_flops else (None, "")
     meter = ThroughputMeter(3.0 * fwd_flops if fwd_flops else None, info.world_size, peak, peak_src)
     tb = TensorBoardLogger(work_dir / "tensorboard", cfg.tensorboard and info.is_main)
@@ -138,6 +137,9 @@ def fit_diffusion(
         for step in range(start, cfg.steps):
             batch = draw_global_batch(data, cfg.batch_size, schedule, gen, cfg.hflip, cfg.label_dropout)
             mbs = micro_batches(batch, data, info.rank, info.world_size, cfg.grad_accum, device)
+            if cfg.loss_weighting == "min-snr":
+                for mb in mbs:
+                    mb.time_weight = min_snr_weight(schedule, mb.t, cfg.min_snr_gamma)
             lr = _lr_at(step, cfg)
             backend.set_lr(lr)
             loss_sum = None

@@ -22,7 +22,7 @@ from ..data import DatasetSplits
 from ..data.latent_store import MomentsView, encode_to_store
 from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
 from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
-from ..models.uvit import create_uvit
+from ..models.denoisers import create_denoiser
 from ..train.engine import setup_process_group
 from ..utils.io import atomic_write_json
 from .common import StageContext, StageResult, run_stage
@@ -64,12 +64,13 @@ def load_stage2_autoencoder(ctx: StageContext, splits: DatasetSplits) -> BaseAut
 def build_uvit(
     ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
 ) -> torch.nn.Module:
-    """The stage-2 U-ViT for the data's (latent) shape and class count."""
+    """The stage-2 denoiser (``stage2.model``: a U-ViT or U-Net preset) for the data's (latent)
+    shape and class count."""
     cfg = ctx.cfg.stage2
     ae = ae if ae is not None else load_stage2_autoencoder(ctx, splits)
     c, h, _ = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
     num_classes = 0 if cfg.label_source == "none" else splits.num_classes
-    return create_uvit(cfg.model, img_size=h, in_chans=c, num_classes=num_classes)
+    return create_denoiser(cfg.model, img_size=h, in_chans=c, num_classes=num_classes)
 
 
 @torch.no_grad()

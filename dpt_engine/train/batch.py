@@ -23,7 +23,14 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from ..diffusion.trainer import DiffusionData
 
-__all__ = ["GlobalBatch", "MicroBatch", "draw_global_batch", "micro_batches", "micro_loss"]
+__all__ = [
+    "GlobalBatch",
+    "MicroBatch",
+    "draw_global_batch",
+    "micro_batches",
+    "micro_loss",
+    "min_snr_weight",
+]
 
 
 @dataclass
@@ -52,6 +59,7 @@ class MicroBatch:
     noise: torch.Tensor  # (b, C, H, W)
     y: Optional[torch.Tensor]  # (b,) int64 or None (unconditional)
     weight: Optional[torch.Tensor]  # (b,) float32 or None
+    time_weight: Optional[torch.Tensor] = None  # (b,) loss weight of each image's noise level (Min-SNR)
 
 
 def draw_global_batch(
@@ -108,6 +116,15 @@ def micro_batches(
     return out
 
 
+def min_snr_weight(schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for epsilon prediction (Hang et al. 2023): ``min(SNR, gamma) / SNR``
+    with ``SNR(t) = alpha_t^2 / sigma_t^2``. Noisy images keep weight 1; nearly clean ones, whose
+    epsilon is hard to predict and does not matter for sampling, are down-weighted, which stops
+    the noise levels' gradients from fighting and speeds up convergence."""
+    snr = torch.exp(2.0 * schedule.marginal_lambda(t.float()))
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def micro_loss(pred: torch.Tensor, mb: MicroBatch, batch: GlobalBatch, whole_batch: bool) -> torch.Tensor:
     """This micro-batch's share of the global batch's loss (the shares sum to the global loss).
 
@@ -116,6 +133,8 @@ def micro_loss(pred: torch.Tensor, mb: MicroBatch, batch: GlobalBatch, whole_bat
     by the global batch size (or the global batch's total weight).
     """
     per_image = F.mse_loss(pred.float(), mb.noise, reduction="none").mean(dim=(1, 2, 3))  # (b,)
+    if mb.time_weight is not None:
+        per_image = per_image * mb.time_weight
     if mb.weight is not None:
         if whole_batch:
             return (per_image * mb.weight).sum() / mb.weight.sum().clamp_min(1e-8)
