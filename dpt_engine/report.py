@@ -121,6 +121,8 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
             "gain": s3.get("gain"),
             "num_pseudo": s3.get("num_pseudo"),
             "pseudo_stage1_agreement": s3.get("pseudo_stage1_agreement"),
+            "pseudo_kept": s3.get("pseudo_kept"),
+            "what_stage3_did": s3.get("what_stage3_did"),
         },
         "wall_time_s": {name: r.wall_time_s for name, r in stages.items()},
         "skipped": {name: r.skipped for name, r in stages.items()},
@@ -173,6 +175,8 @@ def _markdown(r: dict[str, Any], note: str | None) -> str:
     ]
     for name, secs in r["wall_time_s"].items():
         lines.append(f"| {name} | {secs:.1f} | {r['skipped'].get(name)} |")
+    if r["stage3"].get("what_stage3_did"):
+        lines += ["", "## Stage 3", "", r["stage3"]["what_stage3_did"]]
     if note:
         lines += ["", f"> {note}"]
     if r["plots"]:

@@ -86,6 +86,9 @@ class ClassifierData:
     ``unlabeled_idx`` indexes ``unlabeled`` (labels there are ignored, except as a diagnostic of
     pseudo-label accuracy where known); ``labeled_weight`` gives a per-example loss weight aligned
     with ``labeled_idx`` (stage 3: 1.0 for real images, ``pseudo_weight`` for generated ones).
+    With ``absolute_weights`` the weighted labeled loss is divided by the batch's image count, not
+    its total weight, so an image of weight 0.5 counts half as much as one of weight 1 whatever else
+    is in the batch (and a batch of weight-0 images contributes nothing).
     """
 
     labeled: ImageDataset
@@ -95,6 +98,7 @@ class ClassifierData:
     test: Optional[ImageDataset]
     num_classes: int
     labeled_weight: Optional[np.ndarray] = None
+    absolute_weights: bool = False
 
     def validate(self, semi_supervised: bool) -> None:
         idx = np.asarray(self.labeled_idx)
@@ -375,7 +379,19 @@ def _array_digest(a: Optional[np.ndarray]) -> Optional[str]:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()[:16]
 
 
-def _fingerprint(cfg: ClassifierConfig, data: ClassifierData, seed: int) -> str:
+def _state_digest(state: Optional[dict]) -> Optional[str]:
+    if state is None:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(state[k].detach().cpu().float().numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(
+    cfg: ClassifierConfig, data: ClassifierData, seed: int, init_state: Optional[dict] = None
+) -> str:
     """What must match for a checkpoint to be resumed (not eval/checkpoint frequency)."""
     keys = (
         "learner backbone steps batch_size uratio lr momentum weight_decay nesterov cosine_schedule "
@@ -393,8 +409,10 @@ def _fingerprint(cfg: ClassifierConfig, data: ClassifierData, seed: int) -> str:
                 data.labeled.labels[torch.as_tensor(np.asarray(data.labeled_idx))].numpy()
             ),
             "labeled_weight": _array_digest(data.labeled_weight),
+            **({"absolute_weights": True} if data.absolute_weights else {}),
             "unlabeled_idx": _array_digest(data.unlabeled_idx),
             "unlabeled_len": None if data.unlabeled is None else len(data.unlabeled),
+            **({"init": _state_digest(init_state)} if init_state is not None else {}),
         }
     )
 
@@ -408,11 +426,16 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             eb.copy_(mb)
 
 
-def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-    """``sum_i w_i CE_i / sum_i w_i`` (plain mean when ``w`` is None)."""
+def _weighted_ce(
+    logits: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], absolute: bool = False
+) -> torch.Tensor:
+    """``sum_i w_i CE_i / sum_i w_i`` (plain mean when ``w`` is None); ``absolute``:
+    ``sum_i w_i CE_i / B``."""
     ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
     if w is None:
         return ce.mean()
+    if absolute:
+        return (ce * w).sum() / ce.shape[0]
     return (ce * w).sum() / w.sum().clamp_min(1e-12)
 
 
@@ -423,8 +446,12 @@ def fit_classifier(
     device: torch.device,
     seed: int,
     progress: bool = True,
+    init_state: Optional[dict] = None,
 ) -> FitResult:
     """Train a classifier with ``cfg.learner``; resume from ``work_dir/checkpoint.pt`` if present.
+
+    ``init_state`` (a state dict of the same backbone, e.g. stage 1's EMA weights) starts the model
+    and its EMA from those weights instead of a random initialisation (stage 3's fine-tuning).
 
     Writes ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps and at the end), ``model.pt``
     (EMA state dict) and ``history.json`` into ``work_dir``. Returns the EMA model in eval mode.
@@ -446,7 +473,7 @@ def fit_classifier(
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
     interrupt_at = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
-    fingerprint = _fingerprint(cfg, data, seed)
+    fingerprint = _fingerprint(cfg, data, seed, init_state)
 
     # ---- data
     store_l = _ImageStore(data.labeled, data.labeled_idx, device)
@@ -465,6 +492,8 @@ def fit_classifier(
         model = create_classifier(
             cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
         )
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     nesterov = cfg.nesterov and cfg.momentum > 0
@@ -549,7 +578,7 @@ def fit_classifier(
         # ---- losses
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
-        loss_x = _weighted_ce(logits[:b_l], y_l, w_l)
+        loss_x = _weighted_ce(logits[:b_l], y_l, w_l, data.absolute_weights)
         zero = loss_x.new_zeros(())
         loss_u = loss_f = mask_rate = pl_correct = pl_known = zero
         loss = loss_x

@@ -31,7 +31,16 @@ log = logging.getLogger("dpt_engine")
 __all__ = ["fit_learner", "load_classifier", "pseudo_label_summary", "run_stage1", "stage1_fingerprint"]
 
 # Keys that change how often we log or checkpoint, not what is computed.
-_NON_SEMANTIC = ("eval_every", "checkpoint_every", "pseudo_dir", "keep_unlabeled", "pseudo_weight")
+# The stage-3-only keys enter stage 3's fingerprint on their own.
+_NON_SEMANTIC = (
+    "eval_every",
+    "checkpoint_every",
+    "pseudo_dir",
+    "keep_unlabeled",
+    "pseudo_weight",
+    "pseudo_weighting",
+    "init_from_stage1",
+)
 
 
 def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
@@ -50,14 +59,19 @@ def stage1_fingerprint(ctx: StageContext) -> dict[str, Any]:
 
 
 def fit_learner(
-    cfg: ClassifierConfig, data: ClassifierData, work_dir: Path, ctx: StageContext, seed: int
+    cfg: ClassifierConfig,
+    data: ClassifierData,
+    work_dir: Path,
+    ctx: StageContext,
+    seed: int,
+    init_state: dict | None = None,
 ) -> FitResult:
     """Dispatch to the configured learner (semi-supervised, supervised or linear probe)."""
     if cfg.learner == "linear-probe":
         return fit_linear_probe(cfg, data, work_dir, ctx.device, seed)
     if cfg.learner in ("freematch", "fixmatch") and data.unlabeled is None:
         cfg = replace(cfg, learner="supervised")
-    return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress)
+    return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress, init_state=init_state)
 
 
 def load_classifier(

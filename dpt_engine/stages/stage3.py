@@ -122,14 +122,13 @@ _AGREEMENT_SAMPLE = 2000
 _AGREEMENT_WARN = 0.5
 
 
-def _stage1_agreement(
+def _stage1_scores(
     ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset, limit: Optional[int] = None
-) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """Whether the stage-1 classifier assigns each pseudo image to the class it was generated for.
-
-    Returns ``(agree, idx)`` for the pseudo images ``idx`` (all, or ``limit`` chosen with a fixed
-    seed); ``agree`` is None when there is no stage-1 classifier (``pseudo_dir`` given by hand).
-    """
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], np.ndarray]:
+    """How the stage-1 classifier sees the pseudo images ``idx`` (all, or ``limit`` chosen with a
+    fixed seed): ``(agree, p, idx)`` with ``agree`` whether its top class is the class the image
+    was generated for and ``p`` its probability of that class; both None when there is no stage-1
+    classifier (``pseudo_dir`` given by hand)."""
     from ..ssl import predict_proba
 
     idx = np.arange(len(pseudo))
@@ -146,25 +145,98 @@ def _stage1_agreement(
             ctx.device,
         )
     except FileNotFoundError:
-        return None, idx
+        return None, None, idx
     probs = predict_proba(model, pseudo, idx, device=ctx.device, num_workers=ctx.cfg.run.num_workers)
-    return (probs.argmax(1) == pseudo.labels[torch.as_tensor(idx)]).numpy(), idx
+    intended = pseudo.labels[torch.as_tensor(idx)]
+    agree = (probs.argmax(1) == intended).numpy()
+    p = probs.gather(1, intended.view(-1, 1)).squeeze(1).numpy().astype(np.float32)
+    return agree, p, idx
 
 
-def _filter_by_stage1(ctx: StageContext, sp: DatasetSplits, pseudo: FolderImageDataset):
-    """Keep only the pseudo images that the stage-1 classifier assigns to their intended class."""
-    agree, _ = _stage1_agreement(ctx, sp, pseudo)
+def _stage1_agreement(
+    ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset, limit: Optional[int] = None
+) -> tuple[Optional[np.ndarray], np.ndarray]:
+    """``(agree, idx)`` of :func:`_stage1_scores`."""
+    agree, _, idx = _stage1_scores(ctx, sp, pseudo, limit)
+    return agree, idx
+
+
+def _needs_stage1(cfg) -> bool:
+    s3 = cfg.stage3
+    return s3.filter_pseudo or s3.pseudo_weighting != "uniform" or s3.init_from_stage1
+
+
+def _select_and_weight(
+    ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset
+) -> tuple[ImageDataset, np.ndarray, dict[str, Any]]:
+    """Stage 3's defence against pseudo images that do not show their class.
+
+    The stage-1 classifier scores every pseudo image: with ``filter_pseudo`` only the images it
+    assigns to their intended class are kept, and with ``pseudo_weighting=stage1-confidence`` each
+    kept image's loss weight is ``pseudo_weight`` times stage 1's probability of that class. A
+    useless generator then contributes few images and little weight, and stage 3 stays at stage
+    1's accuracy instead of learning the generator's mistakes. Returns the kept images, their
+    weights and a record of what was done."""
+    s3 = ctx.cfg.stage3
+    n0 = len(pseudo)
+    info: dict[str, Any] = {}
+    if not (s3.filter_pseudo or s3.pseudo_weighting != "uniform"):
+        info.update(_check_agreement(ctx, sp, pseudo))
+        return pseudo, np.full(n0, s3.pseudo_weight, dtype=np.float32), info
+    agree, p, _ = _stage1_scores(ctx, sp, pseudo)
     if agree is None:
         raise DataError(
-            f"stage3.filter_pseudo=true needs stage 1's classifier at {ctx.stage_dir('stage1') / 'model.pt'}: "
-            "run stage 1 first or set stage3.filter_pseudo=false"
+            f"stage3.filter_pseudo / stage3.pseudo_weighting=stage1-confidence need stage 1's classifier at "
+            f"{ctx.stage_dir('stage1') / 'model.pt'}: run stage 1 first, or set stage3.filter_pseudo=false "
+            "and stage3.pseudo_weighting=uniform"
         )
-    if not agree.any():
-        raise DataError("stage3.filter_pseudo: the stage-1 classifier rejects every pseudo image")
-    kept = pseudo.subset(np.flatnonzero(agree))
-    log.info("stage3: filter_pseudo keeps %d of %d pseudo images", len(kept), len(pseudo))
-    info = {"pseudo_before_filter": len(pseudo), "pseudo_kept_fraction": float(agree.mean())}
-    return kept, {**info, "pseudo_stage1_agreement": float(agree.mean())}
+    labels = pseudo.labels.numpy()
+    info["pseudo_stage1_agreement"] = float(agree.mean())
+    info["pseudo_before_filter"] = n0
+    keep = np.flatnonzero(agree) if s3.filter_pseudo else np.arange(n0)
+    if len(keep) == 0:
+        log.warning(
+            "stage3: the stage-1 classifier puts none of the %d pseudo images into their class: stage 3 "
+            "trains on the real images alone",
+            n0,
+        )
+    w = np.full(len(keep), s3.pseudo_weight, dtype=np.float32)
+    chance = 1.0 / sp.num_classes
+    trust = float(np.clip((agree.mean() - chance) / (1.0 - chance), 0.0, 1.0))
+    if s3.pseudo_weighting == "stage1-confidence":
+        w = w * p[keep]
+    elif s3.pseudo_weighting == "stage1-agreement":
+        info["pseudo_trust"] = trust
+        w = w * trust
+        if trust == 0.0:
+            log.warning(
+                "stage3: the stage-1 classifier puts only %.0f%% of the pseudo images into their class (chance "
+                "%.0f%%): the generator is not class-faithful, so stage 3 trains without them",
+                100 * agree.mean(),
+                100 * chance,
+            )
+            keep = keep[:0]
+            w = w[:0]
+    kept = pseudo.subset(keep) if len(keep) < n0 else pseudo  # may be empty: real images only
+    nc = sp.num_classes
+    info.update(
+        {
+            "pseudo_kept": len(keep),
+            "pseudo_kept_fraction": float(len(keep) / max(n0, 1)),
+            "pseudo_kept_per_class": np.bincount(labels[keep], minlength=nc).tolist(),
+            "pseudo_mean_weight": float(w.mean()) if len(w) else 0.0,
+        }
+    )
+    log.info(
+        "stage3: stage 1 agrees with %.1f%% of %d pseudo images; kept %d (%s), mean loss weight %.3f (%s)",
+        100 * info["pseudo_stage1_agreement"],
+        n0,
+        len(keep),
+        "filter_pseudo" if s3.filter_pseudo else "no filter",
+        info["pseudo_mean_weight"],
+        s3.pseudo_weighting,
+    )
+    return kept, w, info
 
 
 def _check_agreement(ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset) -> dict[str, Any]:
@@ -190,6 +262,72 @@ def _check_agreement(ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset)
     return {"pseudo_stage1_agreement": frac}
 
 
+def _file_digest(path: Path) -> Optional[str]:
+    import hashlib
+
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _stage1_init(ctx: StageContext) -> dict:
+    """Stage 1's EMA weights, to start stage 3 from (``stage3.init_from_stage1``)."""
+    s1, s3 = ctx.cfg.stage1, ctx.cfg.stage3
+    if s1.backbone != s3.backbone or "linear-probe" in (s1.learner, s3.learner):
+        raise DataError(
+            f"stage3.init_from_stage1=true needs the same trainable backbone in both stages (stage 1: "
+            f"{s1.learner} / {s1.backbone}, stage 3: {s3.learner} / {s3.backbone}); set "
+            "stage3.init_from_stage1=false or the same stage3.backbone"
+        )
+    path = ctx.stage_dir("stage1") / "model.pt"
+    if not path.is_file():
+        raise DataError(
+            f"stage3.init_from_stage1=true needs stage 1's classifier at {path}: run stage 1 first"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def describe_stage3(s: dict[str, Any]) -> str:
+    """One paragraph for the report: what stage 3 trained on and why."""
+    parts = []
+    agree = s.get("pseudo_stage1_agreement")
+    n0 = s.get("pseudo_before_filter", s.get("num_pseudo"))
+    if agree is not None:
+        parts.append(
+            f"the stage-1 classifier put {100 * agree:.0f}% of the {n0} pseudo images into the class they were generated for"
+        )
+    if s.get("filter_pseudo"):
+        parts.append(
+            f"the {s.get('pseudo_kept', s.get('num_pseudo'))} it agreed with were kept and the rest dropped"
+        )
+    if s.get("pseudo_weighting") == "stage1-agreement":
+        trust = float(s.get("pseudo_trust", 0.0))
+        if trust <= 0.0:
+            parts.append("that is no better than chance, so stage 3 trained without the pseudo images")
+        else:
+            parts.append(
+                f"so each pseudo image counted {trust:.2f} of a real labeled image in the loss "
+                "(its trust: the agreement above chance)"
+            )
+    if s.get("pseudo_weighting") == "stage1-confidence":
+        parts.append(
+            f"each kept image was weighted by stage 1's probability of its class (mean weight "
+            f"{s.get('pseudo_mean_weight', 0):.2f}, real labeled images 1.0)"
+        )
+    parts.append(
+        "training started from stage 1's weights"
+        if s.get("init_from_stage1")
+        else "training started from scratch"
+    )
+    text = "; ".join(parts) + "."
+    if agree is not None and agree < _AGREEMENT_WARN:
+        text += (
+            " The generator is not class-faithful (few pseudo images show their class), so stage 3 leaned on the real "
+            "images" + (" and stage 1's weights." if s.get("init_from_stage1") else ".")
+        )
+    return text[0].upper() + text[1:]
+
+
 def run_stage3(
     ctx: StageContext, splits: DatasetSplits | None = None, stage1_top1: Optional[float] = None
 ) -> StageResult:
@@ -203,6 +341,15 @@ def run_stage3(
             "pseudo_weight": cfg.stage3.pseudo_weight,
         },
         "filter_pseudo": cfg.stage3.filter_pseudo,
+        **(
+            {
+                "pseudo_weighting": cfg.stage3.pseudo_weighting,
+                "init_from_stage1": cfg.stage3.init_from_stage1,
+                "stage1_model": _file_digest(ctx.stage_dir("stage1") / "model.pt"),
+            }
+            if _needs_stage1(cfg)
+            else {}
+        ),
         "pseudo_dir": str(pseudo_dir),
         "pseudo_images": _tree_signature(pseudo_dir) if pseudo_dir.is_dir() else None,
         "seed": cfg.run.seed,
@@ -211,17 +358,13 @@ def run_stage3(
     def body(stage_dir: Path) -> dict[str, Any]:
         sp = splits if splits is not None else build_splits(cfg.data)
         pseudo = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
-        if cfg.stage3.filter_pseudo:
-            pseudo, filter_info = _filter_by_stage1(ctx, sp, pseudo)
-        else:
-            filter_info = _check_agreement(ctx, sp, pseudo)
+        pseudo, pseudo_w, filter_info = _select_and_weight(ctx, sp, pseudo)
+        init_state = _stage1_init(ctx) if cfg.stage3.init_from_stage1 else None
         real = sp.train
-        combined = ConcatImageDataset([real, pseudo])
+        combined = ConcatImageDataset([real, pseudo]) if len(pseudo) else real
         pseudo_idx = len(real) + np.arange(len(pseudo))
         labeled_idx = np.concatenate([sp.labeled_idx, pseudo_idx])
-        weight = np.concatenate(
-            [np.ones(len(sp.labeled_idx)), np.full(len(pseudo), cfg.stage3.pseudo_weight)]
-        ).astype(np.float32)
+        weight = np.concatenate([np.ones(len(sp.labeled_idx)), pseudo_w]).astype(np.float32)
         semi = cfg.stage3.keep_unlabeled and cfg.stage3.learner in ("freematch", "fixmatch")
         data = ClassifierData(
             labeled=combined,
@@ -231,6 +374,7 @@ def run_stage3(
             test=sp.test,
             num_classes=sp.num_classes,
             labeled_weight=weight,
+            absolute_weights=cfg.stage3.pseudo_weighting != "uniform",
         )
         counts = np.bincount(pseudo.labels.numpy(), minlength=sp.num_classes)
         log.info(
@@ -241,7 +385,7 @@ def run_stage3(
             pseudo_dir,
             "with the real unlabeled images" if semi else "supervised",
         )
-        fit = fit_learner(cfg.stage3, data, stage_dir, ctx, cfg.run.seed)
+        fit = fit_learner(cfg.stage3, data, stage_dir, ctx, cfg.run.seed, init_state=init_state)
         atomic_write_json(stage_dir / "history.json", fit.history)
         s1 = stage1_top1
         if s1 is None:
@@ -259,8 +403,12 @@ def run_stage3(
             "pseudo_dir": str(pseudo_dir),
             "keep_unlabeled": bool(semi),
             "resumed_from_step": fit.resumed_from,
+            "init_from_stage1": init_state is not None,
+            "pseudo_weighting": cfg.stage3.pseudo_weighting,
+            "filter_pseudo": cfg.stage3.filter_pseudo,
             **filter_info,
         }
+        summary["what_stage3_did"] = describe_stage3(summary)
         atomic_write_json(stage_dir / "summary.json", summary)
         log.info("stage3: test top-1 %.2f%% (stage 1: %s)", fit.test_top1, s1)
         return summary

@@ -1,0 +1,101 @@
+"""Stage 3 never silently makes things worse: the stage-1 agreement decides how much the pseudo
+images count (``stage3.pseudo_weighting``), and stage 3 can start from stage 1's weights.
+
+Two generators bracket the real ones: a *useless* one (every image filed under the wrong class,
+the worst a generator can do) and a *perfect* one (real held-in training images under their true
+class). Plain stage 3 collapses on the first; the defended stage 3 stays at stage 1 on the first
+and keeps the gain on the second."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpt_engine.config.presets import resolve_config
+from dpt_engine.data import build_splits
+from dpt_engine.pipeline import setup_run
+from dpt_engine.stages.stage1 import run_stage1
+from dpt_engine.stages.stage3 import describe_stage3, run_stage3
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline import _write_pseudo_folder
+
+BASE = [
+    "data.labels_per_class=1",
+    "stage1.steps=300",
+    "stage1.eval_every=300",
+    "stage1.checkpoint_every=300",
+    "stage3.steps=150",
+    "stage3.eval_every=150",
+    "stage3.checkpoint_every=150",
+    "run.threads=1",
+]
+DEFENDED = ["stage3.pseudo_weighting=stage1-agreement", "stage3.init_from_stage1=true"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defence")
+    cfg = resolve_config("digits", overrides=BASE)
+    splits = build_splits(cfg.data)
+    s1 = run_stage1(setup_run(cfg, root / "run", progress=False), splits).summary["top1"]
+    for shift in (0, 1):
+        _write_pseudo_folder(root / f"pseudo{shift}", splits, per_class=50, shift=shift)
+    return root, splits, s1
+
+
+def _stage3(trained, shift: int, extra: list[str]) -> dict:
+    root, splits, _ = trained
+    cfg = resolve_config("digits", overrides=[*BASE, f"stage3.pseudo_dir={root / f'pseudo{shift}'}", *extra])
+    return run_stage3(setup_run(cfg, root / "run", progress=False), splits).summary
+
+
+def test_useless_generator_collapses_plain_stage3(trained):
+    s3 = _stage3(trained, 1, [])
+    assert s3["pseudo_stage1_agreement"] < 0.2
+    assert s3["top1"] < trained[2] - 30  # what the defence exists for
+
+
+def test_useless_generator_leaves_defended_stage3_at_stage1(trained):
+    s3 = _stage3(trained, 1, DEFENDED)
+    assert s3["pseudo_trust"] == 0.0 and s3["pseudo_kept"] == 0 and s3["init_from_stage1"]
+    assert s3["top1"] >= trained[2] - 1.0
+    assert "trained without the pseudo images" in s3["what_stage3_did"]
+
+
+def test_good_generator_keeps_the_gain_when_defended(trained):
+    s3 = _stage3(trained, 0, DEFENDED)
+    assert s3["pseudo_trust"] > 0.6 and s3["pseudo_kept"] == 500
+    assert s3["pseudo_mean_weight"] == pytest.approx(s3["pseudo_trust"])
+    assert s3["top1"] >= trained[2] + 5.0
+    assert "counted 0." in s3["what_stage3_did"]
+
+
+def test_confidence_weights_are_per_image(trained):
+    s3 = _stage3(trained, 1, ["stage3.pseudo_weighting=stage1-confidence", "stage3.init_from_stage1=true"])
+    assert s3["pseudo_kept"] == 500 and s3["pseudo_mean_weight"] < 0.2
+    assert s3["top1"] >= trained[2] - 2.0
+
+
+def test_init_from_stage1_needs_the_same_backbone(trained):
+    from dpt_engine.data import DataError
+
+    with pytest.raises(DataError, match="same trainable backbone"):
+        _stage3(trained, 0, ["stage3.init_from_stage1=true", "stage3.backbone=wrn-28-2"])
+
+
+def test_description_reads_well():
+    text = describe_stage3(
+        {
+            "pseudo_stage1_agreement": 0.09,
+            "num_pseudo": 0,
+            "pseudo_before_filter": 500,
+            "pseudo_weighting": "stage1-agreement",
+            "pseudo_trust": 0.0,
+            "init_from_stage1": True,
+        }
+    )
+    assert text.startswith("The stage-1 classifier put 9% of the 500 pseudo images")
+    assert "stage 1's weights" in text
