@@ -273,7 +273,7 @@ def make_trainer(
     data: DiffusionData,
     device: torch.device,
     seed: int = 0,
-    model: str = "uvit",
+    model: str = "uvit-tiny8",
 ) -> OriginalTrainer | EngineTrainer:
     """The trainer of ``variant`` (one of ``VARIANTS``) on a copy of ``net`` (``model``: its preset
     name, recorded in the config)."""
