@@ -303,3 +303,32 @@ def test_bad_inputs_raise(digits, tmp_path):
             0,
             False,
         )
+
+
+def test_bf16_classifier_training_learns_and_differs_from_fp32(digits, tmp_path):
+    """``precision=bf16`` really autocasts on the CPU (the weights differ from fp32 training), the
+    model still learns, and the EMA / saved weights stay fp32."""
+    train, test = digits
+    lab = _labeled_subset(train.labels, 4)
+    data = ClassifierData(train, lab, train, np.arange(len(train)), test, 10)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = fit_classifier(
+            _cfg(learner="freematch", steps=100, uratio=2, precision=precision),
+            data,
+            tmp_path / precision,
+            torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
+    a, b = (runs[p].model.state_dict() for p in ("fp32", "bf16"))
+    assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point())
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert runs["bf16"].test_top1 > 80.0 and abs(runs["bf16"].test_top1 - runs["fp32"].test_top1) < 8.0
+
+
+def test_classifier_precision_auto_keeps_old_fingerprints():
+    from dpt_engine.stages.stage1 import classifier_fingerprint
+
+    assert "precision" not in classifier_fingerprint(ClassifierConfig())
+    assert classifier_fingerprint(ClassifierConfig(precision="bf16"))["precision"] == "bf16"

@@ -551,7 +551,7 @@ def fit_classifier(
         )
 
     log_every = max(1, min(cfg.eval_every, 25))
-    amp = device.type == "cuda"
+    amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     b_l, b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
     pbar = _progress_bar(progress, cfg.steps, start, cfg.learner)
     last_top1: Optional[float] = None
@@ -576,7 +576,7 @@ def fit_classifier(
             x = x_l
 
         # ---- losses
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
         loss_x = _weighted_ce(logits[:b_l], y_l, w_l, data.absolute_weights)
         zero = loss_x.new_zeros(())

@@ -47,6 +47,10 @@ def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
     d = to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
+    if (
+        d.get("precision") == "auto"
+    ):  # the behaviour before the field existed: old runs keep their fingerprint
+        d.pop("precision")
     return d
 
 
