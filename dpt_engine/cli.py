@@ -15,8 +15,10 @@ Overrides use dotted keys into the config (``dpt_engine/config/schema.py``), e.g
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -143,6 +145,47 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpt: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # missing upstream stage, unwritable or full disk, a file where a directory goes
+        print(f"dpt: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except UnicodeError as e:
+        print(
+            f"dpt: error: a file is not valid UTF-8 text ({e.reason}); check the file you passed",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as e:
+        from .kernels.dispatch import BackendUnavailableError
+
+        if isinstance(e, BackendUnavailableError):
+            print(f"dpt: error: {e} (choose another backend in DPT_KERNELS, or unset it)", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            "dpt: internal error: the traceback above is a bug in dpt_engine, not a problem with your "
+            "input; please report it with the command you ran (finished stages are kept)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an operating-system error: what failed and what to do about it."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno is None or not e.strerror:  # raised by us with a full message (e.g. a missing stage)
+        return str(e)
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device while writing{where}: free some space, then re-run the same "
+            "command (finished stages are kept; the interrupted one resumes from its checkpoint)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {e.strerror.lower()}; choose a writable place (e.g. --out DIR)"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{e.filename or 'a path'} is a file where a directory is needed: give --out a directory path"
+    if e.errno == errno.ENOENT:
+        return f"no such file or directory:{where}; check the path"
+    return f"{e.strerror}:{where}"
 
 
 def _print_summary(report: dict, out: Path) -> None:

@@ -47,11 +47,15 @@ def _setup_logging(out: Path) -> None:
         if getattr(h, "_dpt_run", False):
             root.removeHandler(h)
             h.close()
-    if not any(
+    ours = [h for h in root.handlers if getattr(h, "_dpt_stream", False)]
+    for h in ours:  # the console may have changed since an earlier run in this process (notebooks, tests)
+        h.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
+    if not ours and not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers
     ):
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
+        sh._dpt_stream = True  # type: ignore[attr-defined]
         root.addHandler(sh)
     fh = logging.FileHandler(out / ("log.txt" if info.is_main else f"log.rank{info.rank}.txt"))
     fh.setFormatter(fmt)
@@ -61,6 +65,9 @@ def _setup_logging(out: Path) -> None:
 
 def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> StageContext:
     """Create the run directory, write the resolved config, set threads and pick the device."""
+    from .config.schema import check_input_paths
+
+    check_input_paths(cfg)  # before the run directory is created or touched
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)

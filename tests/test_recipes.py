@@ -169,4 +169,4 @@ def test_dpt_sample_rejects_bad_checkpoints(tmp_path, tiny_ldm_autoencoder, caps
     assert rc == 2 and "truncated or corrupt" in err and str(truncated.resolve()) in err
 
     rc, err = _sample(tmp_path / "missing", tmp_path / "nope.pth", tiny_ldm_autoencoder, capsys)
-    assert rc == 2 and "not found" in err
+    assert rc == 2 and "does not exist" in err

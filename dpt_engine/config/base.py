@@ -113,7 +113,17 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError as e:  # name the section when the message does not (stage1 vs stage3)
+            msg, section = str(e), prefix.rstrip(".")
+            if (
+                section
+                and not msg.startswith((section + ".", section + ":"))
+                and "." not in msg.split(" ")[0]
+            ):
+                raise ConfigError(f"{section}.{msg}") from None
+            raise
     return obj
 
 
@@ -192,6 +202,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a YAML file to --config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -7,12 +7,52 @@ dicts merged over these defaults; YAML files and ``key=value`` overrides go on t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from .base import ConfigError
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"]
 Learner = Literal["freematch", "fixmatch", "supervised", "linear-probe"]
+
+
+def _existing_path(key: str, value: Optional[str], what: str) -> None:
+    """A user-given input path must exist when the config is built, not when its stage starts."""
+    if value is not None and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}={value!r} does not exist; give the path of {what} (or null)")
+
+
+def _check_backbone(key: str, name: str) -> None:
+    from ..models.classifiers import list_classifiers
+
+    if name in list_classifiers():
+        return
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[len("timm:") :]):
+            raise ConfigError(
+                f"{key}={name!r}: timm has no model {name[len('timm:') :]!r} (see timm.list_models())"
+            )
+        return
+    if name.startswith("msn:"):
+        from ..models.msn import _MSN_NAMES, MSN_ARCHS
+
+        if name[len("msn:") :] in MSN_ARCHS or name[len("msn:") :] in _MSN_NAMES:
+            return
+        raise ConfigError(f"{key}={name!r}: unknown MSN arch; choose from {sorted(MSN_ARCHS)}")
+    raise ConfigError(
+        f"{key}={name!r} is not a registered classifier; choose from {list_classifiers()}, timm:<model> or msn:<arch>"
+    )
+
+
+def _check_range(
+    key: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True
+) -> None:
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ConfigError(f"{key} must be in {lb}{lo}, {hi}{rb}, got {value}")
 
 
 @dataclass
@@ -50,6 +90,8 @@ class DataConfig:
             raise ConfigError(f"data.label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"data.image_size must be >= 4, got {self.image_size}")
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"data.max_train must be >= 1 (or null), got {self.max_train}")
 
 
 @dataclass
@@ -99,6 +141,10 @@ class ClassifierConfig:
     # The two stage-1 modes make the weights absolute (a batch of weight-0 images adds nothing).
     pseudo_weighting: Literal["uniform", "stage1-agreement", "stage1-confidence"] = "uniform"
     init_from_stage1: bool = False  # start from stage 1's weights (fine-tune) instead of from scratch
+    # training forward/backward precision: auto = bf16 autocast on CUDA, fp32 on a CPU; bf16 = bf16
+    # autocast on any device (2.2x faster for cnn-small on an AVX512-BF16 CPU); fp32 master weights,
+    # EMA and evaluation in every mode
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "uratio", "eval_every", "checkpoint_every", "probe_max_iter"):
@@ -110,6 +156,14 @@ class ClassifierConfig:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check_range("momentum", self.momentum, 0.0, 1.0)
+        _check_range("tau_ema", self.tau_ema, 0.0, 1.0)
+        for name in ("lambda_u", "lambda_ent", "pseudo_weight", "probe_l2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_backbone("backbone", self.backbone)
 
 
 ScheduleName = Literal["discrete-linear", "discrete-scaled-linear", "vp-linear"]
@@ -194,6 +248,17 @@ class DiffusionConfig:
             raise ConfigError(
                 f"stage2.model={self.model!r} is not a registered model; choose from {list_denoisers()}"
             )
+        if self.lr <= 0:
+            raise ConfigError(f"stage2.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"stage2.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"stage2.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_range("stage2.beta1", self.beta1, 0.0, 1.0)
+        _check_range("stage2.beta2", self.beta2, 0.0, 1.0)
+        _check_range("stage2.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"stage2.grad_clip must be > 0 (or null for none), got {self.grad_clip}")
         if self.min_snr_gamma <= 0:
             raise ConfigError(f"stage2.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -264,6 +329,18 @@ class RunConfig:
     num_workers: int = 0  # data-loader workers for folder datasets
     threads: Optional[int] = None  # torch CPU threads; None = torch default
 
+    def validate(self) -> None:
+        dev = self.device.strip().lower()
+        ok = dev in ("auto", "cpu", "cuda", "mps") or (
+            dev.startswith("cuda:") and dev[len("cuda:") :].isdigit()
+        )
+        if not ok:
+            raise ConfigError(f"run.device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"run.threads must be >= 1 (or null for torch's default), got {self.threads}")
+        if self.num_workers < 0:
+            raise ConfigError(f"run.num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class PipelineConfig:
@@ -276,3 +353,20 @@ class PipelineConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     stage3: ClassifierConfig = field(default_factory=ClassifierConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_input_paths(cfg: PipelineConfig) -> None:
+    """Every user-given input file or folder must exist; checked before a run starts any stage (not
+    in ``validate``: presets name conventional download locations that ``dpt config`` may print)."""
+    _existing_path("data.subset_file", cfg.data.subset_file, "a label-subset file")
+    for stage in ("stage1", "stage3"):
+        c = getattr(cfg, stage)
+        _existing_path(f"{stage}.probe_checkpoint", c.probe_checkpoint, "the backbone weights file")
+        _existing_path(f"{stage}.pseudo_dir", c.pseudo_dir, "a folder of generated images (ImageFolder tree)")
+    _existing_path(
+        "stage2.autoencoder",
+        cfg.stage2.autoencoder,
+        "an SD autoencoder file or a diffusers AutoencoderKL directory",
+    )
+    _existing_path("sample.checkpoint", cfg.sample.checkpoint, "a checkpoint file to sample from")
+    _existing_path("sample.fid_weights", cfg.sample.fid_weights, "the TF-FID Inception weights (TorchScript)")

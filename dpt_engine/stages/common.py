@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -64,9 +64,18 @@ class StageResult:
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    from ..config.base import ConfigError
+
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"run.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={spec} but no CUDA GPU is available; use run.device=cpu or auto")
+        raise ConfigError(f"run.device={spec} but no CUDA GPU is available; use run.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"run.device={spec} but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:N-1"
+        )
     return dev
 
 
@@ -79,6 +88,28 @@ def stage_done(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if record.get("fingerprint") == fingerprint else None
+
+
+def _restore_set_aside(stage_dir: Path, fingerprint: str) -> Optional[Path]:
+    """Bring back ``<stage>.stale-<fingerprint>`` (work done under this very config, moved aside
+    when the config changed) unless the current directory already holds this config's work."""
+    stale = stage_dir.with_name(f"{stage_dir.name}.stale-{fingerprint}")
+    if not stale.is_dir():
+        return None
+    fp_file = stage_dir / "fingerprint.json"
+    if fp_file.is_file():
+        try:
+            if read_json(fp_file).get("fingerprint") == fingerprint:
+                return None  # the current directory is this config's (maybe interrupted) run: keep it
+        except (OSError, ValueError):
+            pass
+    _set_aside(stage_dir, fingerprint)  # whatever is there now is kept too
+    if stage_dir.exists() and not any(stage_dir.iterdir()):
+        stage_dir.rmdir()
+    if stage_dir.exists():
+        return None  # could not move it out of the way: leave both alone, recompute
+    os.replace(stale, stage_dir)
+    return stale
 
 
 def _set_aside(stage_dir: Path, fingerprint: str) -> None:
@@ -108,6 +139,7 @@ def run_stage(
     fingerprint_inputs: dict[str, Any],
     body: Callable[[Path], dict[str, Any]],
     distributed: bool = False,
+    precheck: Optional[Callable[[], None]] = None,
 ) -> StageResult:
     """Run ``body(stage_dir) -> summary`` unless a finished run with the same inputs exists.
 
@@ -116,11 +148,24 @@ def run_stage(
     ``done.json``; the other ranks wait (at barriers, or for ``done.json``) and get rank 0's summary. A ``distributed``
     body runs on every rank (it splits the work itself, e.g. the stage-2 trainer); otherwise only
     rank 0 runs it. In a world of one this is the plain single-process flow.
+
+    ``precheck`` validates the stage's external inputs (a checkpoint, an autoencoder, a folder of
+    images) and raises on bad ones; it runs before anything in the run directory is touched, so a
+    typo never sets finished work aside. A directory set aside earlier for exactly this config
+    (``<stage>.stale-<fingerprint>``) is moved back instead of recomputed.
     """
     fingerprint = stable_hash(fingerprint_inputs)
     stage_dir = ctx.stage_dir(name)
     main = dist_info().is_main
-    record = broadcast_object(stage_done(stage_dir, fingerprint) if main else None)
+    record = stage_done(stage_dir, fingerprint) if main else None
+    if main and record is None:
+        if precheck is not None:
+            precheck()
+        restored = _restore_set_aside(stage_dir, fingerprint)
+        if restored is not None:
+            log.info("%s: restored %s (set aside earlier for this same config)", name, restored.name)
+            record = stage_done(stage_dir, fingerprint)
+    record = broadcast_object(record)
     if record is not None:
         log.info("%s: up to date (fingerprint %s), skipping", name, fingerprint)
         return StageResult(name, record["summary"], True, float(record.get("wall_time_s", 0.0)), fingerprint)

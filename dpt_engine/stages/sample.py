@@ -55,9 +55,15 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
         d.pop(key)
     fingerprint = {"sample": d, "stage2": upstream}
 
+    loaded: dict[str, Any] = {}
+
+    def precheck() -> None:  # bad weights or autoencoder fail here, before the run directory is touched
+        loaded["ae"] = load_stage2_autoencoder(ctx, splits)
+        loaded["net"] = load_diffusion_model(ctx, splits, loaded["ae"])
+
     def body(stage_dir: Path) -> dict[str, Any]:
-        ae = load_stage2_autoencoder(ctx, splits)
-        net = load_diffusion_model(ctx, splits, ae)
+        ae = loaded.pop("ae") if "ae" in loaded else load_stage2_autoencoder(ctx, splits)
+        net = loaded.pop("net") if "net" in loaded else load_diffusion_model(ctx, splits, ae)
         conditional = ctx.cfg.stage2.label_source != "none"
         num_classes = splits.num_classes
         schedule = make_schedule(ctx.cfg.stage2.schedule)
@@ -151,7 +157,7 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
 
     # every rank runs body (each generates its share of the shards); rank 0 keeps the stage's
     # bookkeeping, and draws the grid and computes FID inside body
-    return run_stage(ctx, "sample", fingerprint, body, distributed=True)
+    return run_stage(ctx, "sample", fingerprint, body, distributed=True, precheck=precheck)
 
 
 def _fid(ctx: StageContext, splits: DatasetSplits, generated: ShardDataset) -> dict[str, Any]:

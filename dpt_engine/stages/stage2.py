@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config.base import to_dict
+from ..config.base import ConfigError, to_dict
 from ..data import DatasetSplits
 from ..data.latent_store import MomentsView, encode_to_store
 from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
@@ -49,12 +49,12 @@ def load_stage2_autoencoder(ctx: StageContext, splits: DatasetSplits) -> BaseAut
             with torch.no_grad():
                 out = ae.decode(ae.encode(probe, sample=False))
         except RuntimeError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"stage2.autoencoder={spec} does not accept {splits.channels}-channel "
                 f"{splits.image_size}px images: {e}"
             ) from None
         if tuple(out.shape[1:]) != tuple(probe.shape[1:]):
-            raise ValueError(
+            raise ConfigError(
                 f"stage2.autoencoder={spec} maps {tuple(probe.shape[1:])} images to {tuple(out.shape[1:])}; "
                 "it must reproduce the dataset's channels and size"
             )
@@ -150,11 +150,19 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
     # join the launcher's process group first: run_stage's barriers need it
     info = setup_process_group(cfg.backend, ctx.device)
 
+    loaded: dict[str, Any] = {}
+
+    def precheck() -> None:  # missing pseudo-labels or a bad autoencoder fail before anything moves
+        loaded["labels"] = _training_labels(ctx, splits)
+        loaded["ae"] = load_stage2_autoencoder(ctx, splits)
+
     def body(stage_dir: Path) -> dict[str, Any]:
-        labels, weight, label_info = _training_labels(ctx, splits)
+        labels, weight, label_info = (
+            loaded.pop("labels") if "labels" in loaded else _training_labels(ctx, splits)
+        )
         if weight is not None and float(weight.sum()) == 0:
-            raise ValueError("stage2: no training image passes stage2.confidence_threshold; lower it")
-        ae = load_stage2_autoencoder(ctx, splits)
+            raise ConfigError("stage2: no training image passes stage2.confidence_threshold; lower it")
+        ae = loaded.pop("ae") if "ae" in loaded else load_stage2_autoencoder(ctx, splits)
         x_std = None
         if cfg.autoencoder is None:
             x = to_model_space(splits.train.get_batch(torch.arange(len(splits.train))))  # (N, C, H, W)
@@ -220,7 +228,7 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             atomic_write_json(stage_dir / "summary.json", summary)
         return summary
 
-    return run_stage(ctx, "stage2", fingerprint, body, distributed=True)
+    return run_stage(ctx, "stage2", fingerprint, body, distributed=True, precheck=precheck)
 
 
 def load_diffusion_model(

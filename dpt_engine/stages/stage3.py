@@ -355,11 +355,27 @@ def run_stage3(
         "seed": cfg.run.seed,
     }
 
+    loaded: dict[str, Any] = {}
+
+    def precheck() -> None:  # missing or foreign pseudo images, or a stage 1 that cannot be fine-tuned,
+        # fail here, before the run directory is touched
+        sp = loaded["splits"] = splits if splits is not None else build_splits(cfg.data)
+        loaded["pseudo"] = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
+        if cfg.stage3.init_from_stage1:
+            loaded["init"] = _stage1_init(ctx)
+
     def body(stage_dir: Path) -> dict[str, Any]:
-        sp = splits if splits is not None else build_splits(cfg.data)
-        pseudo = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
+        sp = loaded.pop("splits", None) or (splits if splits is not None else build_splits(cfg.data))
+        pseudo = (
+            loaded.pop("pseudo")
+            if "pseudo" in loaded
+            else load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
+        )
         pseudo, pseudo_w, filter_info = _select_and_weight(ctx, sp, pseudo)
-        init_state = _stage1_init(ctx) if cfg.stage3.init_from_stage1 else None
+        if "init" in loaded:
+            init_state = loaded.pop("init")
+        else:
+            init_state = _stage1_init(ctx) if cfg.stage3.init_from_stage1 else None
         real = sp.train
         combined = ConcatImageDataset([real, pseudo]) if len(pseudo) else real
         pseudo_idx = len(real) + np.arange(len(pseudo))
@@ -413,4 +429,4 @@ def run_stage3(
         log.info("stage3: test top-1 %.2f%% (stage 1: %s)", fit.test_top1, s1)
         return summary
 
-    return run_stage(ctx, "stage3", fingerprint, body)
+    return run_stage(ctx, "stage3", fingerprint, body, precheck=precheck)

@@ -1,0 +1,165 @@
+"""Bad input on the command line: one clear ``dpt: error:`` line and a non-zero exit, never a
+traceback; a genuine bug prints its traceback and a line saying it is one."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from dpt_engine import cli
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("dpt:")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (["stage1.backbone=nosuch"], "stage1.backbone='nosuch' is not a registered classifier"),
+        (["stage3.lr=-1"], "stage3.lr must be > 0"),
+        (["stage2.lr=-1"], "stage2.lr must be > 0"),
+        (["stage2.model=nosuch"], "stage2.model='nosuch' is not a registered model"),
+        (["stage2.ema_decay=1.5"], "stage2.ema_decay must be in"),
+        (["run.threads=-2"], "run.threads must be >= 1"),
+        (["run.device=tpu"], "run.device='tpu' is not a device"),
+        (["stage2.autoencoder=/no/such/ae"], "stage2.autoencoder='/no/such/ae' does not exist"),
+        (["sample.checkpoint=/no/such.pth"], "sample.checkpoint='/no/such.pth' does not exist"),
+        (["sample.fid_weights=/no/such.pt"], "sample.fid_weights='/no/such.pt' does not exist"),
+        (["stage3.pseudo_dir=/no/such/dir"], "stage3.pseudo_dir='/no/such/dir' does not exist"),
+    ],
+)
+def test_settings_are_checked_before_any_stage(overrides, expect, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc, err = _run(["run", "--preset", "digits", "--out", str(out), *overrides], capsys)
+    assert not out.exists()
+    assert rc == 2
+    assert expect in _one_error_line(err)
+
+
+def test_out_naming_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, err = _run(["run", "--preset", "digits", "--out", str(f)], capsys)
+    assert rc == 2 and "is a file where a directory is needed" in _one_error_line(err)
+    assert f.read_text() == "x"
+
+
+def test_config_file_that_is_not_text(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(b"\xff\xfe\x00bad")
+    rc, err = _run(["config", "--config", str(f)], capsys)
+    assert rc == 2 and "is not UTF-8 text" in _one_error_line(err)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu(tmp_path, capsys):
+    rc, err = _run(["run", "--preset", "digits", "run.device=cuda", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "no CUDA GPU is available" in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "command, expect", [("sample", "no stage-2 model"), ("stage2", "run dpt stage1 first")]
+)
+def test_missing_upstream_stage(command, expect, tmp_path, capsys):
+    rc, err = _run([command, "--preset", "digits", "--out", str(tmp_path / "fresh"), "--no-progress"], capsys)
+    assert rc == 2, err
+    assert expect in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "exc, expect",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/x/stage2/model.pt"),
+            "no space left on the device",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/ro/run"),
+            "cannot write /ro/run: permission denied",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "/ro"), "read-only file system"),
+    ],
+)
+def test_disk_errors_are_one_line(exc, expect, monkeypatch, tmp_path, capsys):
+    import dpt_engine.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(pipeline, "run_pipeline", boom)
+    rc, err = _run(["run", "--preset", "digits", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and expect in _one_error_line(err)
+
+
+def test_a_genuine_bug_says_so(monkeypatch, tmp_path, capsys):
+    import dpt_engine.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", boom)
+    rc, err = _run(["run", "--preset", "digits", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 1
+    assert "Traceback" in err and "ZeroDivisionError: oops" in err
+    assert "dpt: internal error" in err.splitlines()[-1]
+
+
+FAST = [
+    "stage1.steps=8",
+    "stage1.batch_size=8",
+    "stage1.uratio=2",
+    "stage1.eval_every=8",
+    "stage1.checkpoint_every=8",
+    "stage2.steps=4",
+    "stage2.batch_size=16",
+    "stage2.log_every=2",
+    "stage2.checkpoint_every=4",
+    "sample.images_per_class=3",
+    "sample.steps=3",
+    "sample.fid=false",
+    "stage3.steps=4",
+    "stage3.batch_size=8",
+    "stage3.uratio=2",
+    "stage3.eval_every=4",
+    "stage3.checkpoint_every=4",
+    "run.threads=1",
+]
+
+
+def test_a_typo_never_sets_finished_work_aside(tmp_path, capsys):
+    """Bad external inputs fail before the run directory is touched; going back to the original
+    config reuses what a real config change set aside instead of recomputing it."""
+    out = tmp_path / "run"
+    base = ["--preset", "digits", "--out", str(out), "--no-progress", *FAST]
+    assert cli.main(["run", *base]) == 0
+    capsys.readouterr()
+    done_before = {p: p.read_bytes() for p in out.glob("*/done.json")}
+    assert set(p.parent.name for p in done_before) == {"stage1", "stage2", "sample", "stage3"}
+
+    truncated = tmp_path / "nnet_ema.pth"
+    truncated.write_bytes((out / "stage2" / "model.pt").read_bytes()[:100])
+    rc, err = _run(["sample", *base, "--checkpoint", str(truncated)], capsys)
+    assert rc == 2 and "dpt: error:" in _one_error_line(err)
+    empty = tmp_path / "empty_pseudo"
+    empty.mkdir()
+    rc, err = _run(["stage3", *base, f"stage3.pseudo_dir={empty}"], capsys)
+    assert rc == 2 and "no images" in _one_error_line(err)
+    assert not list(out.glob("*.stale-*"))
+    assert {p: p.read_bytes() for p in out.glob("*/done.json")} == done_before
+
+    # a real change sets stage 3 aside; the original command then restores it, not recomputes it
+    assert cli.main(["stage3", *base, "stage3.steps=5"]) == 0
+    assert len(list(out.glob("stage3.stale-*"))) == 1
+    assert cli.main(["stage3", *base]) == 0
+    assert (out / "stage3" / "done.json").read_bytes() == done_before[out / "stage3" / "done.json"]
