@@ -32,6 +32,7 @@ BASE = [
     "stage3.checkpoint_every=150",
     "run.threads=1",
 ]
+PLAIN = ["stage3.pseudo_weighting=uniform", "stage3.init_from_stage1=false"]  # DPT as published
 DEFENDED = ["stage3.pseudo_weighting=stage1-agreement", "stage3.init_from_stage1=true"]
 
 
@@ -53,7 +54,7 @@ def _stage3(trained, shift: int, extra: list[str]) -> dict:
 
 
 def test_useless_generator_collapses_plain_stage3(trained):
-    s3 = _stage3(trained, 1, [])
+    s3 = _stage3(trained, 1, PLAIN)
     assert s3["pseudo_stage1_agreement"] < 0.2
     assert s3["top1"] < trained[2] - 30  # what the defence exists for
 
@@ -70,6 +71,9 @@ def test_good_generator_keeps_the_gain_when_defended(trained):
     assert s3["pseudo_trust"] > 0.6 and s3["pseudo_kept"] == 500
     assert s3["pseudo_mean_weight"] == pytest.approx(s3["pseudo_trust"])
     assert s3["top1"] >= trained[2] + 5.0
+    st = s3["gain_stats"]  # paired over the same 500 test images: exact, with its noise
+    assert st["gain"] == pytest.approx(s3["gain"]) and st["num_images"] == 500
+    assert st["ci95"][0] < st["gain"] < st["ci95"][1] and st["only_new_right"] > st["only_old_right"]
     assert "counted 0." in s3["what_stage3_did"]
 
 

@@ -51,6 +51,7 @@ def train_oracle(
     splits = build_splits(cfg.data)
     ccfg = cfg.stage1
     ccfg.learner, ccfg.steps, ccfg.batch_size = "supervised", steps, 128
+    ccfg.precision = "fp32"  # a fixed reference: the preset's classifier precision must not move it
     ccfg.eval_every = ccfg.checkpoint_every = max(1, steps // 4)
     data = ClassifierData(
         labeled=splits.train,
