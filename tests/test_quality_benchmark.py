@@ -115,3 +115,30 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     assert all(
         r["num_images"] == 20 and 0.0 <= r["class_fidelity"] <= 100.0 for r in diag["checkpoint_sweep"]
     )
+    # each finished run is committed on its own with its wall time per stage and threads; a fresh
+    # machine (no run directories) rebuilds the aggregate from them without recomputing anything
+    import shutil
+
+    rec = read_json(results / "quality_fashion_mnist_runs" / "k1_s0.json")
+    assert rec["threads"] >= 1 and set(rec["wall_time_s"]) == {"stage1", "stage2", "sample", "stage3"}
+    assert not any("fid_cache" in o for o in rec["overrides"])
+    shutil.rmtree(tmp_path / "runs")
+    assert main(argv) == 0
+    assert read_json(results / "quality_fashion_mnist.json")["aggregate"] == out["aggregate"]
+    assert not (tmp_path / "runs" / "k1_s0").exists()
+    # a changed config is not served from the old record
+    assert (
+        main(
+            [
+                *argv,
+                "--no-run",
+                "--set",
+                "data.max_train=300",
+                "sample.images_per_class=4",
+                "sample.fid_num_images=16",
+                "stage3.steps=59",
+            ]
+        )
+        == 0
+    )
+    assert read_json(results / "quality_fashion_mnist.json")["meta"]["missing"] == ["k1_s0", "k1_s1"]
