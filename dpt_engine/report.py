@@ -86,6 +86,19 @@ def _plot_per_class(per_class: dict[str, Any], path: Path, title: str) -> bool:
     return True
 
 
+def _gain(s3: dict[str, Any]) -> str:
+    """The stage-3 gain with the noise it carries (a paired 95% interval over the test images)."""
+    st = s3.get("gain_stats")
+    if not st:
+        return _fmt(s3.get("gain"))
+    lo, hi = st["ci95"]
+    return (
+        f"{st['gain']:+.2f} (95% interval {lo:+.2f} to {hi:+.2f}; stage 3 alone right on "
+        f"{st['only_new_right']}, stage 1 alone on {st['only_old_right']} of {st['num_images']} images; "
+        f"one image = {st['one_image_points']:.2f} points)"
+    )
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "n/a"
@@ -104,6 +117,8 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
     report: dict[str, Any] = {
         "preset": config.get("preset"),
         "dataset": config.get("data", {}).get("name"),
+        "eval_split": s1.get("dataset", {}).get("eval_split", "test"),
+        "num_eval": s1.get("num_test"),
         "stage1": {
             "top1": s1.get("top1"),
             "learner": s1.get("learner"),
@@ -119,6 +134,7 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
         "stage3": {
             "top1": s3.get("top1"),
             "gain": s3.get("gain"),
+            "gain_stats": s3.get("gain_stats"),
             "num_pseudo": s3.get("num_pseudo"),
             "pseudo_stage1_agreement": s3.get("pseudo_stage1_agreement"),
             "pseudo_kept": s3.get("pseudo_kept"),
@@ -166,7 +182,8 @@ def _markdown(r: dict[str, Any], note: str | None) -> str:
         f"| pseudo-label accuracy (%) | {_fmt(r['pseudo_labels']['accuracy'])} |",
         f"| generation FID | {_fmt(r['generation'].get('fid'))} |",
         f"| stage 3 top-1 (%) | {_fmt(r['stage3']['top1'])} |",
-        f"| gain over stage 1 (points) | {_fmt(r['stage3']['gain'])} |",
+        f"| gain over stage 1 (points) | {_gain(r['stage3'])} |",
+        f"| evaluated on | {r.get('eval_split', 'test')} split ({_fmt(r.get('num_eval'))} images) |",
         "",
         "## Wall time",
         "",

@@ -173,6 +173,24 @@ def test_max_train_balanced_and_deterministic() -> None:
     assert a.info["num_train_full"] == 1297 and a.info["num_train"] == 300
 
 
+def test_holdout_replaces_the_test_split_with_unseen_training_images() -> None:
+    """data.holdout: a class-balanced part of the training set, the same for every label seed,
+    becomes the evaluation split and leaves the training set."""
+    full = build_splits(DataConfig(name="digits", labels_per_class=2, seed=0))
+    a = build_splits(DataConfig(name="digits", labels_per_class=2, seed=0, holdout=200))
+    b = build_splits(DataConfig(name="digits", labels_per_class=2, seed=5, holdout=200))
+    assert len(a.test) == 200 and len(a.train) == len(full.train) - 200
+    assert torch.bincount(a.test.labels).tolist() == [20] * 10
+    assert torch.equal(a.test.images, b.test.images)  # independent of data.seed
+    train_set = {a.train.images[i].numpy().tobytes() for i in range(len(a.train))}
+    assert not any(a.test.images[i].numpy().tobytes() in train_set for i in range(len(a.test)))
+    assert a.info["eval_split"] == "holdout of 200 training images" and full.info["eval_split"] == "test"
+    with pytest.raises(Exception, match="data.holdout must be >= 1"):
+        build_splits(DataConfig(name="digits", labels_per_class=2, holdout=0))
+    with pytest.raises(Exception, match="leaves no training images"):
+        build_splits(DataConfig(name="digits", labels_per_class=2, holdout=5000))
+
+
 def test_label_fraction_digits() -> None:
     s = build_splits(DataConfig(name="digits", labels_per_class=None, label_fraction=0.1))
     counts = torch.bincount(s.train.labels[torch.from_numpy(s.labeled_idx)], minlength=10)

@@ -80,6 +80,11 @@ def test_stage1_artifacts_and_skip(tmp_path):
     assert len(pl["label"]) == 1297 and pl["labeled"].sum() == 40
     assert sum(r["pseudo_labels"]["per_class_count"].values()) == 1297
     assert (out / "plots" / "stage1_curves.png").is_file()
+    tp = np.load(out / "stage1" / "test_predictions.npz")  # what stage 3's paired gain compares against
+    assert len(tp["pred"]) == 500 and (tp["pred"] == tp["label"]).mean() * 100 == pytest.approx(
+        r["stage1"]["top1"]
+    )
+    assert "evaluated on | test split (500 images)" in (out / "report.md").read_text()
     # second run: stage 1 is up to date and skipped; artifacts untouched
     before = _digest(out / "stage1" / "model.pt")
     again = run_pipeline(cfg, out, stages=S1, progress=False)
@@ -116,7 +121,9 @@ def test_interrupted_stage_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_stage3_on_image_folder(tmp_path):
-    cfg = resolve_config("digits", overrides=[*FAST, f"stage3.pseudo_dir={tmp_path / 'pseudo'}"])
+    # a folder of images and no stage 1 at all: nothing to fine-tune from or to weigh the images by
+    no_stage1 = ["stage3.init_from_stage1=false", "stage3.pseudo_weighting=uniform"]
+    cfg = resolve_config("digits", overrides=[*FAST, *no_stage1, f"stage3.pseudo_dir={tmp_path / 'pseudo'}"])
     splits = build_splits(cfg.data)
     _write_pseudo_folder(tmp_path / "pseudo", splits)
     ctx = setup_run(cfg, tmp_path / "run", progress=False)

@@ -68,6 +68,10 @@ class DataConfig:
     image_size: Optional[int] = None  # resize (imagefolder); None keeps the native size
     test_split: str = "val"  # imagefolder: sub-folder holding the held-out split
     max_train: Optional[int] = None  # cap the training set (quick experiments), class-balanced
+    # set aside this many training images (class-balanced, a fixed draw independent of `seed`) and
+    # evaluate on them instead of the test split: for choosing recipes without looking at the test
+    # split. They leave the training set (no stage sees them, labeled or not).
+    holdout: Optional[int] = None
 
     def validate(self) -> None:
         chosen = [
@@ -92,6 +96,8 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be >= 4, got {self.image_size}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"data.max_train must be >= 1 (or null), got {self.max_train}")
+        if self.holdout is not None and self.holdout < 1:
+            raise ConfigError(f"data.holdout must be >= 1 (or null for the test split), got {self.holdout}")
 
 
 @dataclass

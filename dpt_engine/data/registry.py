@@ -145,6 +145,11 @@ def take_subset(ds: ImageDataset, idx: np.ndarray) -> ImageDataset:
     raise DataError(f"cannot take a subset of a {type(ds).__name__}")
 
 
+# the held-out draw of data.holdout does not move with data.seed: every label seed of a recipe
+# comparison is scored on the same images
+HOLDOUT_SEED = 20_231_120
+
+
 def build_splits(cfg: DataConfig) -> DatasetSplits:
     """Load ``cfg.name``, apply ``max_train``, choose the labeled subset; see the module doc."""
     cfg.validate()
@@ -157,6 +162,16 @@ def build_splits(cfg: DataConfig) -> DatasetSplits:
     if list(test.classes) != list(train.classes):
         raise DataError(f"{cfg.name}: train and test splits have different classes")
     num_classes = len(train.classes)
+    eval_split = "test"
+    if cfg.holdout is not None:  # recipe choice: evaluate on training images no stage sees
+        if cfg.holdout >= len(train):
+            raise DataError(
+                f"data.holdout={cfg.holdout} leaves no training images ({len(train)} in all); lower it"
+            )
+        hold = select_balanced(train.labels, cfg.holdout, HOLDOUT_SEED, num_classes)
+        rest = np.setdiff1d(np.arange(len(train)), hold)
+        train, test = take_subset(train, rest), take_subset(train, hold)
+        eval_split = f"holdout of {len(hold)} training images"
     full_train = len(train)
 
     hint = ""
@@ -191,6 +206,8 @@ def build_splits(cfg: DataConfig) -> DatasetSplits:
         "num_train_full": full_train,
         "max_train": cfg.max_train,
         "num_test": len(test),
+        "eval_split": eval_split,
+        "holdout": cfg.holdout,
         "num_labeled": len(labeled),
         "labeled_per_class": counts.tolist(),
         "label_selection": selection,

@@ -32,6 +32,7 @@ log = logging.getLogger("dpt_engine")
 __all__ = [
     "StageContext",
     "StageResult",
+    "data_fingerprint",
     "environment_info",
     "resolve_device",
     "run_stage",
@@ -77,6 +78,17 @@ def resolve_device(spec: str) -> torch.device:
             f"run.device={spec} but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:N-1"
         )
     return dev
+
+
+def data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
+    """The data config as stage fingerprints see it; a field added later is left out while unset,
+    so runs made before it existed stay up to date."""
+    from ..config.base import to_dict
+
+    d = to_dict(cfg.data)
+    if d.get("holdout") is None:
+        d.pop("holdout", None)
+    return d
 
 
 def stage_done(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:

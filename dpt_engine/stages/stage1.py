@@ -24,7 +24,7 @@ from ..config.schema import ClassifierConfig
 from ..data import DatasetSplits, build_splits, write_index_file
 from ..ssl import ClassifierData, FitResult, fit_classifier, fit_linear_probe, predict_proba
 from ..utils.io import atomic_save_npz, atomic_write_json, atomic_write_text
-from .common import StageContext, StageResult, run_stage
+from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
 
@@ -56,7 +56,7 @@ def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
 
 def stage1_fingerprint(ctx: StageContext) -> dict[str, Any]:
     return {
-        "data": to_dict(ctx.cfg.data),
+        "data": data_fingerprint(ctx.cfg),
         "stage1": classifier_fingerprint(ctx.cfg.stage1),
         "seed": ctx.cfg.run.seed,
     }
@@ -159,6 +159,21 @@ def _write_pseudo_labels(stage_dir: Path, splits: DatasetSplits, probs: torch.Te
     return pseudo_label_summary(pred, conf, true, splits.classes)
 
 
+def save_test_predictions(
+    stage_dir: Path, model: Any, sp: DatasetSplits, ctx: StageContext, batch: int
+) -> None:
+    """Each evaluation image's predicted class (``test_predictions.npz``: ``pred``, ``label``), so
+    stage 3 can tell its gain over stage 1 from noise (``eval/paired.py``)."""
+    probs = predict_proba(
+        model, sp.test, None, batch_size=batch, device=ctx.device, num_workers=ctx.cfg.run.num_workers
+    )
+    atomic_save_npz(
+        stage_dir / "test_predictions.npz",
+        pred=probs.argmax(dim=1).numpy().astype(np.int32),
+        label=sp.test.labels.numpy().astype(np.int32),
+    )
+
+
 def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageResult:
     cfg = ctx.cfg
 
@@ -195,6 +210,8 @@ def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageR
             num_workers=cfg.run.num_workers,
         )
         pl = _write_pseudo_labels(stage_dir, sp, probs)
+        if fit.test_top1 is not None:
+            save_test_predictions(stage_dir, fit.model, sp, ctx, cfg.stage1.probe_batch_size)
         summary = {
             "learner": cfg.stage1.learner,
             "backbone": cfg.stage1.backbone,

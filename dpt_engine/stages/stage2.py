@@ -25,7 +25,7 @@ from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_auto
 from ..models.denoisers import create_denoiser
 from ..train.engine import setup_process_group
 from ..utils.io import atomic_write_json
-from .common import StageContext, StageResult, run_stage
+from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
 
@@ -146,7 +146,12 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
     d = to_dict(cfg)
     for k in _NOT_FINGERPRINTED:
         d.pop(k)
-    fingerprint = {"data": to_dict(ctx.cfg.data), "stage2": d, "stage1": upstream, "seed": ctx.cfg.run.seed}
+    fingerprint = {
+        "data": data_fingerprint(ctx.cfg),
+        "stage2": d,
+        "stage1": upstream,
+        "seed": ctx.cfg.run.seed,
+    }
     # join the launcher's process group first: run_stage's barriers need it
     info = setup_process_group(cfg.backend, ctx.device)
 

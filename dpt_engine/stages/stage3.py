@@ -17,14 +17,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config.base import to_dict
 from ..data import ConcatImageDataset, DataError, DatasetSplits, FolderImageDataset, build_splits
 from ..data.base import ImageDataset
+from ..eval.paired import paired_gain
 from ..sampling import ShardDataset, is_shard_dir
 from ..ssl import ClassifierData
 from ..utils.io import atomic_write_json, read_json
-from .common import StageContext, StageResult, run_stage
-from .stage1 import classifier_fingerprint, fit_learner, load_classifier
+from .common import StageContext, StageResult, data_fingerprint, run_stage
+from .stage1 import classifier_fingerprint, fit_learner, load_classifier, save_test_predictions
 
 log = logging.getLogger("dpt_engine")
 
@@ -334,7 +334,7 @@ def run_stage3(
     cfg = ctx.cfg
     pseudo_dir = default_pseudo_dir(ctx)
     fingerprint = {
-        "data": to_dict(cfg.data),
+        "data": data_fingerprint(ctx.cfg),
         "stage3": {
             **classifier_fingerprint(cfg.stage3),
             "keep_unlabeled": cfg.stage3.keep_unlabeled,
@@ -407,12 +407,21 @@ def run_stage3(
         if s1 is None:
             s1_summary = ctx.stage_dir("stage1") / "summary.json"
             s1 = read_json(s1_summary).get("top1") if s1_summary.is_file() else None
+        gain_stats = None
+        s1_pred = ctx.stage_dir("stage1") / "test_predictions.npz"
+        if fit.test_top1 is not None:
+            save_test_predictions(stage_dir, fit.model, sp, ctx, cfg.stage3.probe_batch_size)
+            if s1_pred.is_file():
+                old, new = np.load(s1_pred), np.load(stage_dir / "test_predictions.npz")
+                if np.array_equal(old["label"], new["label"]):  # the same evaluation images
+                    gain_stats = paired_gain(old["pred"], new["pred"], new["label"])
         summary = {
             "learner": cfg.stage3.learner,
             "backbone": cfg.stage3.backbone,
             "top1": fit.test_top1,
             "stage1_top1": s1,
             "gain": (fit.test_top1 - s1) if (fit.test_top1 is not None and s1 is not None) else None,
+            "gain_stats": gain_stats,
             "num_labeled_real": len(sp.labeled_idx),
             "num_pseudo": len(pseudo),
             "pseudo_per_class": {sp.classes[c]: int(counts[c]) for c in range(sp.num_classes)},
