@@ -338,7 +338,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the sections named by ``args.what``; write the JSON and charts; 0 unless one failed."""
     from .bench_attention import device_slug
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(
+            f"dpt bench: --device {args.device!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("dpt bench: --device cuda, but torch sees no CUDA GPU")
@@ -353,7 +358,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"dpt bench: not in a source checkout: results go to {root}")
         out = root / f"bench_{slug}"
     json_path = args.json or out / f"bench_{slug}.json"
-    out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    for d in {out, json_path.parent}:  # an unwritable place fails now, not after the measurements
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d, prefix=".dpt-write-probe-"):
+                pass
+        except OSError as e:
+            raise SystemExit(
+                f"dpt bench: cannot write results to {d} ({e.strerror or e}); choose a writable --json / --out-dir"
+            ) from None
     settings = _defaults(args, cuda)
     sections = list(SECTIONS) if args.what == "all" else [args.what]
     runners: dict[str, Callable[[], list[dict]]] = {

@@ -64,20 +64,26 @@ training at scale (every rank runs the same command; rank 0 writes the artifacts
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpt", description="Dual Pseudo Training engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_common(sub.add_parser("run", help="run the whole DPT pipeline (skips finished stages)"))
-    _add_common(sub.add_parser("stage1", help="stage 1: semi-supervised classifier -> pseudo-labels"))
-    _add_common(
-        sub.add_parser(
-            "stage2",
-            help="stage 2: train the class-conditional U-ViT on the pseudo-labels",
-            description="Train the class-conditional U-ViT on the pseudo-labels. One process by default; "
-            "set stage2.backend=ddp|fsdp2|deepspeed (stage2.zero_stage=0..3) and launch every rank with "
-            "the same command to train across processes and machines.",
-            epilog=_STAGE2_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    # the commands that take key=value overrides, parsed on their own so that overrides may sit on
+    # both sides of an option (argparse's intermixed parsing refuses a parser with sub-commands)
+    commands: dict[str, argparse.ArgumentParser] = {}
+    parser.set_defaults(_commands=commands)
+    commands["run"] = sub.add_parser("run", help="run the whole DPT pipeline (skips finished stages)")
+    commands["stage1"] = sub.add_parser("stage1", help="stage 1: semi-supervised classifier -> pseudo-labels")
+    commands["stage2"] = sub.add_parser(
+        "stage2",
+        help="stage 2: train the class-conditional U-ViT on the pseudo-labels",
+        description="Train the class-conditional U-ViT on the pseudo-labels. One process by default; "
+        "set stage2.backend=ddp|fsdp2|deepspeed (stage2.zero_stage=0..3) and launch every rank with "
+        "the same command to train across processes and machines.",
+        epilog=_STAGE2_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sample = sub.add_parser("sample", help="generate pseudo images (DPM-Solver++, guidance) and FID")
+    for name in ("run", "stage1", "stage2"):
+        _add_common(commands[name])
+    sample = commands["sample"] = sub.add_parser(
+        "sample", help="generate pseudo images (DPM-Solver++, guidance) and FID"
+    )
     sample.add_argument(
         "--checkpoint",
         metavar="PATH",
@@ -85,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stage2/model.pt or .safetensors); same as sample.checkpoint=PATH",
     )
     _add_common(sample)
-    _add_common(sub.add_parser("stage3", help="stage 3: retrain the classifier on real + pseudo images"))
+    commands["stage3"] = sub.add_parser(
+        "stage3", help="stage 3: retrain the classifier on real + pseudo images"
+    )
+    _add_common(commands["stage3"])
     sub.add_parser("presets", help="list the named presets")
     from .benchmarks.bench_cli import add_arguments as _add_bench_arguments
 
@@ -97,16 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
             "process; print a table and write JSON rows and PNG charts (see benchmarks/README.md).",
         )
     )
-    _add_common(sub.add_parser("config", help="print the fully resolved config as YAML"), with_out=False)
+    commands["config"] = sub.add_parser("config", help="print the fully resolved config as YAML")
+    _add_common(commands["config"], with_out=False)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``dpt COMMAND ...`` with the overrides allowed before and after the options."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = parser.get_default("_commands")
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "bench":
         from .benchmarks.bench_cli import run as run_bench
 
-        return run_bench(args)
+        try:
+            return run_bench(args)
+        except OSError as e:  # --json / --out into an unwritable or full place
+            print(f"dpt: error: {os_error_message(e)}", file=sys.stderr)
+            return 2
     if args.command == "presets":
         for name in list_presets():
             d = PRESETS[name].get("data", {})
@@ -182,7 +208,7 @@ def os_error_message(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write{where}: {e.strerror.lower()}; choose a writable place (e.g. --out DIR)"
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        return f"{e.filename or 'a path'} is a file where a directory is needed: give --out a directory path"
+        return f"{e.filename or 'a path'} is a file where a directory is needed; check the path (--out takes a directory)"
     if e.errno == errno.ENOENT:
         return f"no such file or directory:{where}; check the path"
     return f"{e.strerror}:{where}"

@@ -107,6 +107,19 @@ def test_garbage_file(tmp_path):
         read_state_dict(path)
 
 
+def test_plain_pickle_is_named_and_torch_advice_never_relayed(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0], "obj": Exception("x")}, protocol=4))
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert "plain Python pickle" in msg and "could run code" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+    assert "\n" not in msg
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         read_state_dict(tmp_path / "nope.pth")

@@ -163,3 +163,17 @@ def test_a_typo_never_sets_finished_work_aside(tmp_path, capsys):
     assert len(list(out.glob("stage3.stale-*"))) == 1
     assert cli.main(["stage3", *base]) == 0
     assert (out / "stage3" / "done.json").read_bytes() == done_before[out / "stage3" / "done.json"]
+
+
+def test_overrides_on_both_sides_of_an_option(capsys):
+    rc = cli.main(["config", "stage1.steps=7", "--preset", "digits", "stage2.steps=9"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "steps: 7" in out and "steps: 9" in out
+
+
+def test_bench_into_an_unwritable_place_fails_before_measuring(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "train", "--json", str(f / "out.json")])
+    assert "cannot write results to" in str(info.value) and f.read_text() == "x"

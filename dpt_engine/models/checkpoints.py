@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -110,25 +111,43 @@ def read_checkpoint(path: str | os.PathLike) -> object:
                 "Fix: re-download or re-export the checkpoint."
             ) from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # never relay torch's text: it suggests weights_only=False, i.e. running the file's code
         text = str(exc).lower()
-        if "unsupported global" in text or "allowed global" in text or "unsupported class" in text:
+        plain_pickle = not zipfile.is_zipfile(path) and _starts_like_pickle(path)
+        if (
+            "unsupported global" in text
+            or "allowed global" in text
+            or "unsupported class" in text
+            or plain_pickle
+        ):
+            what = "a plain Python pickle" if plain_pickle else "a pickle with arbitrary Python objects"
             raise CheckpointError(
-                f"{path}: the pickle contains arbitrary Python objects, which are refused "
-                "(only tensors and plain containers are loaded, weights_only=True). Fix: from a "
-                "trusted source, re-save only the weights, e.g. torch.save(model.state_dict(), path) "
-                "or export_uvit_checkpoint(...) to .safetensors."
-            ) from exc
+                f"{path}: the file is {what}, which is refused because loading it could run code "
+                "(only tensors in plain containers are read, weights_only=True). Fix: from a trusted "
+                "source, re-save only the weights, e.g. torch.save(model.state_dict(), path), or "
+                "export to .safetensors."
+            ) from None
         raise CheckpointError(
-            f"{path}: checkpoint is truncated or corrupt (UnpicklingError: {exc}). "
+            f"{path}: checkpoint is truncated or corrupt (its pickle cannot be read safely). "
             "Fix: re-download or re-export the checkpoint."
-        ) from exc
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
         raise CheckpointError(
-            f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc}). "
+            f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {first[:200]}). "
             "Fix: re-download or re-export the checkpoint (an interrupted copy leaves a partial file)."
-        ) from exc
+        ) from None
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """A pickle of protocol 2+ starts with the PROTO opcode (0x80) and its version byte."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def read_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[str, torch.Tensor]:
