@@ -185,7 +185,7 @@ def test_holdout_replaces_the_test_split_with_unseen_training_images() -> None:
     train_set = {a.train.images[i].numpy().tobytes() for i in range(len(a.train))}
     assert not any(a.test.images[i].numpy().tobytes() in train_set for i in range(len(a.test)))
     assert a.info["eval_split"] == "holdout of 200 training images" and full.info["eval_split"] == "test"
-    with pytest.raises(Exception, match="data.holdout must be >= 1"):
+    with pytest.raises(Exception, match=r"data\.holdout must be >= 1"):
         build_splits(DataConfig(name="digits", labels_per_class=2, holdout=0))
     with pytest.raises(Exception, match="leaves no training images"):
         build_splits(DataConfig(name="digits", labels_per_class=2, holdout=5000))
