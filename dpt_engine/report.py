@@ -119,6 +119,7 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
         "dataset": config.get("data", {}).get("name"),
         "eval_split": s1.get("dataset", {}).get("eval_split", "test"),
         "num_eval": s1.get("num_test"),
+        "unreadable_files": (s1.get("dataset") or {}).get("unreadable_files", {}).get("count", 0),
         "stage1": {
             "top1": s1.get("top1"),
             "learner": s1.get("learner"),
@@ -184,6 +185,11 @@ def _markdown(r: dict[str, Any], note: str | None) -> str:
         f"| stage 3 top-1 (%) | {_fmt(r['stage3']['top1'])} |",
         f"| gain over stage 1 (points) | {_gain(r['stage3'])} |",
         f"| evaluated on | {r.get('eval_split', 'test')} split ({_fmt(r.get('num_eval'))} images) |",
+        *(
+            [f"| unreadable image files skipped | {r['unreadable_files']} (listed in stage1/summary.json) |"]
+            if r.get("unreadable_files")
+            else []
+        ),
         "",
         "## Wall time",
         "",

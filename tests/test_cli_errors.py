@@ -177,3 +177,43 @@ def test_bench_into_an_unwritable_place_fails_before_measuring(tmp_path, capsys)
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "train", "--json", str(f / "out.json")])
     assert "cannot write results to" in str(info.value) and f.read_text() == "x"
+
+
+def _image_tree(root, per_class=40):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 4)):
+        for c in ("a", "b", "c"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{j}.png")
+
+
+def test_one_corrupt_image_does_not_stop_a_run_but_many_do(tmp_path, capsys):
+    import json
+
+    root = tmp_path / "data"
+    _image_tree(root)
+    (root / "train" / "b" / "3.png").write_bytes(b"")  # 1 of 120 files
+    out = tmp_path / "run"
+    argv = [
+        "stage1", "--preset", "digits", "--out", str(out), "--no-progress",
+        "data.name=imagefolder", f"data.root={root}", "data.labels_per_class=1",
+        "stage1.steps=4", "stage1.eval_every=4", "stage1.checkpoint_every=4", "stage1.batch_size=4",
+        "stage1.uratio=1", "run.threads=1",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "stage1" / "summary.json").read_text())
+    listed = summary["dataset"]["unreadable_files"]
+    assert listed["count"] == 1 and listed["files"][0]["path"].endswith("b/3.png")
+    assert summary["num_train"] == 119
+    done = (out / "stage1" / "done.json").read_bytes()
+    for j in range(4, 7):  # now 4 of 120: a damaged dataset
+        (root / "train" / "c" / f"{j}.png").write_bytes(b"\x89PNG")
+    capsys.readouterr()
+    rc, err = _run([*argv, "stage1.steps=8"], capsys)
+    assert rc == 2 and "4 of 120 train image files cannot be read" in _one_error_line(err)
+    assert (out / "stage1" / "done.json").read_bytes() == done

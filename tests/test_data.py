@@ -363,6 +363,47 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
     assert [b[0].shape[0] for b in batches] == [4, 4, 1] and batches[0][0].shape[1:] == (3, 16, 16)
 
 
+def test_probe_file_finds_empty_garbage_and_truncated_files(tmp_path: Path) -> None:
+    from dpt_engine.data.imagefolder import probe_file
+
+    good_png, good_jpg = tmp_path / "a.png", tmp_path / "b.jpg"
+    _write_image(good_png, (16, 16), 0)
+    _write_image(good_jpg, (16, 16), 1)
+    big = tmp_path / "big.png"  # larger than the header + tail reads: the tail decides
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 300 << 10
+    assert probe_file(good_png) is None and probe_file(good_jpg) is None and probe_file(big) is None
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"<html>404</html>" * 10)
+    (tmp_path / "cut.jpg").write_bytes(good_jpg.read_bytes()[:-40])
+    (tmp_path / "cutbig.png").write_bytes(big.read_bytes()[: 350 << 10])
+    assert "empty" in probe_file(tmp_path / "empty.png")
+    assert "unreadable header" in probe_file(tmp_path / "junk.png")
+    assert "truncated" in probe_file(tmp_path / "cut.jpg") and "truncated" in probe_file(
+        tmp_path / "cutbig.png"
+    )
+
+
+def test_imagefolder_skips_and_lists_unreadable_files_up_to_a_threshold(tmp_path: Path) -> None:
+    root = tmp_path / "inet"
+    _make_imagenet(root, per_class=40)
+    bad = root / "train" / "n01443537" / "n01443537_105.png"
+    bad.write_bytes(bad.read_bytes()[:30])  # a half-finished download: 1 of 120 train files
+    cfg = DataConfig(name="imagefolder", root=str(root), labels_per_class=1)
+    s = build_splits(cfg)
+    assert len(s.train) == 119
+    info = s.info["unreadable_files"]
+    assert info["count"] == 1 and info["train"] == 1 and info["test"] == 0
+    assert info["files"][0]["path"] == str(bad) and info["files"][0]["split"] == "train"
+    (root / "train" / "n01443537" / "n01443537_107.png").write_bytes(b"")
+    with pytest.raises(
+        DataError, match=r"2 of 120 train image files cannot be read .* data\.max_unreadable=0\.01"
+    ):
+        build_splits(cfg)
+    cfg.max_unreadable = 0.05
+    assert build_splits(cfg).info["unreadable_files"]["count"] == 2
+
+
 def test_imagefolder_requires_same_square_size(tmp_path: Path) -> None:
     _make_imagenet(tmp_path / "inet", size=(20, 12))
     with pytest.raises(DataError, match=r"data\.image_size"):

@@ -72,6 +72,9 @@ class DataConfig:
     # evaluate on them instead of the test split: for choosing recipes without looking at the test
     # split. They leave the training set (no stage sees them, labeled or not).
     holdout: Optional[int] = None
+    # folder datasets: unreadable image files are skipped and listed (stage 1's summary, the report)
+    # while they are at most this fraction of a split; above it the run stops (a damaged dataset)
+    max_unreadable: float = 0.01
 
     def validate(self) -> None:
         chosen = [
@@ -96,6 +99,7 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be >= 4, got {self.image_size}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"data.max_train must be >= 1 (or null), got {self.max_train}")
+        _check_range("data.max_unreadable", self.max_unreadable, 0.0, 1.0, hi_open=False)
         if self.holdout is not None and self.holdout < 1:
             raise ConfigError(f"data.holdout must be >= 1 (or null for the test split), got {self.holdout}")
 

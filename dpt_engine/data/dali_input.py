@@ -261,7 +261,9 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             fmt = img.format or "?"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise CorruptImageError("unreadable header (not a recognised image format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise CorruptImageError(f"unreadable header ({e})") from e
     if width <= 0 or height <= 0:
         raise CorruptImageError(f"image has size {width}x{height}")

@@ -122,13 +122,17 @@ def _build_imagefolder(cfg: DataConfig) -> LoadedDataset:
             f"imagefolder: {root} has no {cfg.test_split}/ folder for the held-out split; "
             "set data.test_split=<folder name> (e.g. val or test)"
         )
-    train = scan_image_folder(root / "train", channels=3, image_size=cfg.image_size, name="imagefolder:train")
+    # unreadable files (a half-finished download, a damaged disk) are skipped and listed
+    train = scan_image_folder(
+        root / "train", channels=3, image_size=cfg.image_size, name="imagefolder:train", verify=True
+    )
     test = FolderImageDataset.from_tree(
         root / cfg.test_split,
         train.classes,
         channels=3,
         image_size=cfg.image_size,
         name=f"imagefolder:{cfg.test_split}",
+        verify=True,
     )
     if test.image_size != train.image_size:
         raise DataError(
@@ -150,6 +154,25 @@ def take_subset(ds: ImageDataset, idx: np.ndarray) -> ImageDataset:
 HOLDOUT_SEED = 20_231_120
 
 
+def _check_unreadable(cfg: DataConfig, train: ImageDataset, test: ImageDataset) -> dict:
+    """The files a folder dataset skipped as unreadable: counted and listed (the first 100), or an
+    error above ``data.max_unreadable`` of the files (then the dataset itself is damaged)."""
+    out: dict = {"count": 0, "files": []}
+    for split, ds in (("train", train), ("test", test)):
+        skipped = list(getattr(ds, "skipped_files", []))
+        total = len(ds) + len(skipped)
+        if skipped and len(skipped) > cfg.max_unreadable * total:
+            raise DataError(
+                f"{cfg.name}: {len(skipped)} of {total} {split} image files cannot be read (first: "
+                f"{skipped[0]['path']}: {skipped[0]['reason']}), more than data.max_unreadable="
+                f"{cfg.max_unreadable:g}; the dataset looks incomplete or damaged: re-download or repair it"
+            )
+        out[split] = len(skipped)
+        out["count"] += len(skipped)
+        out["files"] += [{**r, "split": split} for r in skipped][: max(0, 100 - len(out["files"]))]
+    return out
+
+
 def build_splits(cfg: DataConfig) -> DatasetSplits:
     """Load ``cfg.name``, apply ``max_train``, choose the labeled subset; see the module doc."""
     cfg.validate()
@@ -162,6 +185,7 @@ def build_splits(cfg: DataConfig) -> DatasetSplits:
     if list(test.classes) != list(train.classes):
         raise DataError(f"{cfg.name}: train and test splits have different classes")
     num_classes = len(train.classes)
+    unreadable = _check_unreadable(cfg, train, test)
     eval_split = "test"
     if cfg.holdout is not None:  # recipe choice: evaluate on training images no stage sees
         if cfg.holdout >= len(train):
@@ -207,6 +231,7 @@ def build_splits(cfg: DataConfig) -> DatasetSplits:
         "max_train": cfg.max_train,
         "num_test": len(test),
         "eval_split": eval_split,
+        "unreadable_files": unreadable,
         "holdout": cfg.holdout,
         "num_labeled": len(labeled),
         "labeled_per_class": counts.tolist(),

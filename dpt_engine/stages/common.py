@@ -88,6 +88,7 @@ def data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
     d = to_dict(cfg.data)
     if d.get("holdout") is None:
         d.pop("holdout", None)
+    d.pop("max_unreadable", None)  # decides whether to stop, not what is computed
     return d
 
 

@@ -69,8 +69,14 @@ def load_pseudo_images(
         nbytes = len(shards) * shards.channels * shards.image_size**2
         return shards.to_memory() if nbytes <= _IN_MEMORY_BYTES else shards
     ds = FolderImageDataset.from_tree(
-        pseudo_dir, classes=splits.classes, channels=splits.channels, image_size=splits.image_size
+        pseudo_dir,
+        classes=splits.classes,
+        channels=splits.channels,
+        image_size=splits.image_size,
+        verify=True,
     )
+    if ds.skipped_files:
+        log.warning("stage3: %d unreadable pseudo images in %s skipped", len(ds.skipped_files), pseudo_dir)
     if len(ds) == 0:
         raise DataError(f"stage3: '{pseudo_dir}' holds no images; expected <class folder>/<image>.png")
     return ds
