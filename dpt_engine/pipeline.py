@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .config.base import to_dict
 from .config.schema import PipelineConfig
@@ -27,7 +26,6 @@ from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.stage3 import run_stage3
 from .utils.dist import dist_info
-from .utils.io import atomic_write_text
 
 log = logging.getLogger("dpt_engine")
 
@@ -74,8 +72,8 @@ def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> St
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    if dist_info().is_main:  # every rank resolves the same config; one writes it
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # config.yaml is written when a stage starts (StageContext.write_config), after the stage has
+    # checked its inputs: a typo in a rerun leaves the finished run's config.yaml as it was
     return StageContext(cfg=cfg, out=out, device=device, progress=progress)
 
 
@@ -101,6 +99,7 @@ def run_pipeline(
     except KeyboardInterrupt:
         log.error("interrupted: re-run the same command to resume from the last checkpoint")
         raise
+    ctx.write_config()
     report = write_report(ctx.out, results, to_dict(cfg), environment_info(ctx.device))
     log.info("report written to %s", ctx.out / "report.md")
     return report

@@ -217,3 +217,35 @@ def test_one_corrupt_image_does_not_stop_a_run_but_many_do(tmp_path, capsys):
     rc, err = _run([*argv, "stage1.steps=8"], capsys)
     assert rc == 2 and "4 of 120 train image files cannot be read" in _one_error_line(err)
     assert (out / "stage1" / "done.json").read_bytes() == done
+
+
+def test_disk_full_during_a_checkpoint_save_then_resume(tmp_path, monkeypatch, capsys):
+    """ENOSPC mid-save: one line, no partial .tmp-step-* left, finished stages kept; once space is
+    back the same command resumes stage 2 from its last complete checkpoint."""
+    import dpt_engine.train.checkpoint as ckpt_mod
+
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "digits", "--out", str(out), "--no-progress", *FAST,
+            "stage2.steps=6", "stage2.checkpoint_every=2"]  # fmt: skip
+    real = ckpt_mod.capture_rng_state
+    calls = {"n": 0}
+
+    def full_disk():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 save
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "stage2" / "checkpoints"))
+        return real()
+
+    monkeypatch.setattr(ckpt_mod, "capture_rng_state", full_disk)
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and "no space left on the device" in _one_error_line(err)
+    assert not list((out / "stage2").rglob(".tmp-step-*"))
+    assert (out / "stage1" / "done.json").is_file() and (out / "config.yaml").is_file()
+    s1 = (out / "stage1" / "done.json").read_bytes()
+    monkeypatch.setattr(ckpt_mod, "capture_rng_state", real)
+    rc, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert (out / "stage1" / "done.json").read_bytes() == s1
+    import json
+
+    assert json.loads((out / "stage2" / "summary.json").read_text())["resumed_from_step"] == 2

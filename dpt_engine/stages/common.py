@@ -25,7 +25,7 @@ import torch
 
 from ..config.schema import PipelineConfig
 from ..utils.dist import barrier, broadcast_object, dist_info
-from ..utils.io import atomic_write_json, read_json, stable_hash
+from ..utils.io import atomic_write_json, atomic_write_text, read_json, stable_hash
 
 log = logging.getLogger("dpt_engine")
 
@@ -50,6 +50,25 @@ class StageContext:
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
+
+    def write_config(self) -> None:
+        """``config.yaml``: the resolved config of the run directory's current work. Written when a
+        stage is about to run (after its inputs were checked, so a typo leaves the old one) and with
+        the report; not rewritten when unchanged (a rerun on a full disk gets as far as it can)."""
+        if not dist_info().is_main:
+            return
+        import yaml
+
+        from ..config.base import to_dict
+
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        path = self.out / "config.yaml"
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return
+        except (OSError, UnicodeError):
+            pass
+        atomic_write_text(path, text)
 
 
 @dataclass
@@ -183,6 +202,7 @@ def run_stage(
         log.info("%s: up to date (fingerprint %s), skipping", name, fingerprint)
         return StageResult(name, record["summary"], True, float(record.get("wall_time_s", 0.0)), fingerprint)
     if main:
+        ctx.write_config()
         _set_aside(stage_dir, fingerprint)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "done.json").unlink(missing_ok=True)

@@ -165,10 +165,17 @@ class CheckpointManager:
             tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}-{time.time_ns()}"
             tmp.mkdir()
         tmp = Path(broadcast_object(str(tmp) if tmp is not None else None))
-        write(tmp)
-        with open(tmp / f"rng-rank{info.rank}.pt.tmp", "wb") as f:
-            torch.save(capture_rng_state(), f)
-        os.replace(tmp / f"rng-rank{info.rank}.pt.tmp", tmp / f"rng-rank{info.rank}.pt")
+        try:
+            write(tmp)
+            with open(tmp / f"rng-rank{info.rank}.pt.tmp", "wb") as f:
+                torch.save(capture_rng_state(), f)
+            os.replace(tmp / f"rng-rank{info.rank}.pt.tmp", tmp / f"rng-rank{info.rank}.pt")
+        except BaseException:
+            # a full disk (or an interrupt) mid-save: the partial save is removed, the previous
+            # checkpoint stays the newest, and the rerun resumes from it
+            if info.world_size == 1:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         barrier()
         final = self.step_dir(step)
         if info.is_main:
