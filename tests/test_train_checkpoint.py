@@ -187,3 +187,32 @@ def test_tampered_or_foreign_checkpoint_is_refused_before_loading(tmp_path):
     CheckpointManager.check(ckpt, require_digests=False)  # weights_only backends: allowed
     with pytest.raises(CheckpointIntegrityError, match="lists no file digests"):
         CheckpointManager.check(ckpt, require_digests=True)
+
+
+def test_a_checkpoint_crafted_elsewhere_is_refused_even_with_matching_digests(tmp_path, monkeypatch):
+    """Digests can be forged by whoever writes the directory; the HMAC signature with this account's
+    key cannot. A checkpoint signed with another key (another machine, or a crafted run directory
+    with self-consistent digests) is refused for the unpickling backends; the same key accepts it."""
+    from dpt_engine.train.checkpoint import CheckpointIntegrityError, CheckpointManager
+
+    monkeypatch.setenv("DPT_CHECKPOINT_KEY_FILE", str(tmp_path / "mine.key"))
+    net, data, cfg = _make()
+    short = DiffusionConfig(**{**cfg.__dict__, "steps": 4})
+    fit_diffusion(net, short, data, tmp_path / "run", CPU, seed=0, progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert (tmp_path / "mine.key").stat().st_mode & 0o777 == 0o600
+    CheckpointManager.check(ckpt, require_digests=True)
+    monkeypatch.setenv("DPT_CHECKPOINT_KEY_FILE", str(tmp_path / "theirs.key"))  # another account
+    with pytest.raises(CheckpointIntegrityError, match="not signed with this account's checkpoint key"):
+        CheckpointManager.check(ckpt, require_digests=True)
+    CheckpointManager.check(ckpt, require_digests=False)  # weights_only backends need no trust
+    monkeypatch.setenv("DPT_CHECKPOINT_KEY", "shared secret of a multi-node job")
+    with pytest.raises(CheckpointIntegrityError, match="DPT_CHECKPOINT_KEY environment variable"):
+        CheckpointManager.check(ckpt, require_digests=True)
+    monkeypatch.delenv("DPT_CHECKPOINT_KEY")
+    monkeypatch.setenv("DPT_CHECKPOINT_KEY_FILE", str(tmp_path / "mine.key"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["signature"] = "0" * 64  # a forged signature
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointIntegrityError, match="not signed"):
+        CheckpointManager.check(ckpt, require_digests=True)

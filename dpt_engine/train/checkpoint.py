@@ -35,6 +35,7 @@ import torch
 from ..models.checkpoints import CheckpointError
 from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_write_json, read_json
+from ..utils.trust import key_location, sign, signature_matches
 
 log = logging.getLogger("dpt_engine")
 
@@ -190,6 +191,8 @@ class CheckpointManager:
                     "world_size": info.world_size,
                     "files": sorted(digests),
                     "sha256": digests,
+                    # proves the checkpoint was written under this account's key (utils/trust.py)
+                    "signature": sign({"step": step, "sha256": digests}),
                 },
             )
             if final.exists():  # a save of the same step (e.g. a rerun); replace it
@@ -258,6 +261,15 @@ class CheckpointManager:
                 raise CheckpointIntegrityError(
                     f"{ckpt}: {name} changed since it was written (sha256 differs); {fix}"
                 )
+        if require_digests and not signature_matches(
+            {"step": meta.get("step"), "sha256": digests}, meta.get("signature")
+        ):
+            raise CheckpointIntegrityError(
+                f"{ckpt}: not signed with this account's checkpoint key ({key_location()}), so it was not "
+                "written here, and resuming would unpickle its files; to resume a run of your own from "
+                "another machine, use that machine's key (DPT_CHECKPOINT_KEY or DPT_CHECKPOINT_KEY_FILE), "
+                f"otherwise {fix}"
+            )
 
 
 def _test_delay(step: int) -> None:
