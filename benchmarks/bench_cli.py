@@ -366,8 +366,9 @@ def run(args: argparse.Namespace) -> int:
             with tempfile.NamedTemporaryFile(dir=d, prefix=".dpt-write-probe-"):
                 pass
         except OSError as e:
+            why = "a file is in the way" if any(p.is_file() for p in (d, *d.parents)) else (e.strerror or e)
             raise SystemExit(
-                f"dpt bench: cannot write results to {d} ({e.strerror or e}); choose a writable --json / --out-dir"
+                f"dpt bench: cannot write results to {d} ({why}); choose a writable --json / --out-dir"
             ) from None
     settings = _defaults(args, cuda)
     sections = list(SECTIONS) if args.what == "all" else [args.what]

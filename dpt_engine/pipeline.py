@@ -61,6 +61,19 @@ def _setup_logging(out: Path) -> None:
     root.addHandler(fh)
 
 
+def _check_environment(device: torch.device) -> None:
+    """Environment variables that choose implementations are checked before any work."""
+    import os
+
+    from .data.dali_input import ENV_BACKEND
+    from .data.dali_input import resolve_backend as resolve_image_backend
+    from .kernels.dispatch import check_env
+
+    check_env(device.type)
+    if os.environ.get(ENV_BACKEND, "").strip():
+        resolve_image_backend()
+
+
 def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> StageContext:
     """Create the run directory, write the resolved config, set threads and pick the device."""
     from .config.schema import check_input_paths
@@ -72,6 +85,7 @@ def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> St
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
+    _check_environment(device)
     # config.yaml is written when a stage starts (StageContext.write_config), after the stage has
     # checked its inputs: a typo in a rerun leaves the finished run's config.yaml as it was
     return StageContext(cfg=cfg, out=out, device=device, progress=progress)

@@ -45,6 +45,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "available_backends",
+    "check_env",
     "register_backend",
     "registered_backends",
     "reload_env",
@@ -189,6 +190,56 @@ def _env_choices() -> tuple[str | None, dict[str, str]]:
         else:
             default = part
     return default, per_op
+
+
+def check_env(device_type: str) -> None:
+    """Check ``DPT_KERNELS`` before any work: its syntax, that every op and backend it names exists,
+    and that each named backend can run on ``device_type`` at all. Raises
+    :class:`BackendUnavailableError` with the fix (a run should not fail on it hours in)."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return
+    ops = sorted(_REGISTRY)
+    where = f"{ENV_VAR}={raw}"
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        op, sep, name = part.rpartition("=") if "=" in part else ("", "", part)
+        op, name = op.strip(), name.strip()
+        if sep and (not op or not name):
+            raise BackendUnavailableError(
+                f"{where}: {part!r} is not of the form BACKEND or OP=BACKEND (e.g. {ENV_VAR}=auto,ema=cpp)"
+            )
+        if sep and op not in _REGISTRY:
+            raise BackendUnavailableError(f"{where}: unknown op {op!r}; ops: {', '.join(ops)}")
+        if name != "auto" and name not in BACKEND_NAMES:
+            raise BackendUnavailableError(
+                f"{where}: unknown backend {name!r}; backends: auto, {', '.join(BACKEND_NAMES)}"
+            )
+        if name == "auto":
+            continue
+        for o in [op] if sep else ops:
+            b = _REGISTRY[o].get(name)
+            if b is None:
+                if sep:  # a default that some op lacks falls back per op at call time
+                    raise BackendUnavailableError(
+                        f"{where}: {o} has no {name!r} backend here; registered: {', '.join(sorted(_REGISTRY[o]))}"
+                    )
+                continue
+            try:  # device-level checks only; the per-call checks need real tensors
+                reason = b.available([])
+            except (ValueError, IndexError, TypeError):
+                reason = None
+            if reason is None and name == "cuda" and device_type != "cuda":
+                reason = f"the run is on {device_type}, not a CUDA GPU"
+            if reason is None and name == "triton" and device_type != "cuda":
+                probe = [torch.zeros(1, device=device_type)]
+                try:
+                    reason = b.available(probe) if HAS_TRITON else TRITON_IMPORT_ERROR
+                except (ValueError, IndexError, TypeError):
+                    reason = None
+            if reason is not None:
+                raise BackendUnavailableError(f"{where}: {o} backend {name!r} cannot run: {reason}")
 
 
 def reload_env() -> None:

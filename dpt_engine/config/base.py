@@ -196,6 +196,8 @@ def _check_path(cls: type, parts: list[str], full: str) -> None:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
     try:

@@ -145,19 +145,25 @@ def dali_available() -> tuple[bool, Optional[str]]:
     return True, None
 
 
+class ImageBackendError(DataError, ValueError):
+    """An image backend that does not exist or cannot run here (a ValueError for older callers)."""
+
+
 def resolve_backend(backend: Optional[str] = None) -> str:
     """``"dali"`` or ``"pil"`` for an explicit choice, else ``$DPT_IMAGE_BACKEND``, else auto-detection."""
     choice = backend if backend is not None else os.environ.get(ENV_BACKEND, "auto")
     choice = str(choice).strip().lower() or "auto"
     if choice not in BACKENDS:
         src = "backend=" if backend is not None else f"{ENV_BACKEND}="
-        raise ValueError(f"{src}{choice!r} is not an image backend; choose one of {', '.join(BACKENDS)}")
+        raise ImageBackendError(
+            f"{src}{choice!r} is not an image backend; choose one of {', '.join(BACKENDS)} (or unset {ENV_BACKEND})"
+        )
     if choice == "pil":
         return "pil"
     ok, why = dali_available()
     if choice == "dali":
         if not ok:
-            raise ImportError(
+            raise ImageBackendError(
                 f"image backend 'dali' requested but DALI does not import ({why}); install it with "
                 "`pip install nvidia-dali-cuda120` or use backend='pil'"
             )

@@ -60,6 +60,8 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
     def precheck() -> None:  # bad weights or autoencoder fail here, before the run directory is touched
         loaded["ae"] = load_stage2_autoencoder(ctx, splits)
         loaded["net"] = load_diffusion_model(ctx, splits, loaded["ae"])
+        if ctx.cfg.sample.fid and dist_info().is_main:
+            check_fid_weights(ctx.cfg.sample.fid_weights)
 
     def body(stage_dir: Path) -> dict[str, Any]:
         ae = loaded.pop("ae") if "ae" in loaded else load_stage2_autoencoder(ctx, splits)
@@ -158,6 +160,23 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
     # every rank runs body (each generates its share of the shards); rank 0 keeps the stage's
     # bookkeeping, and draws the grid and computes FID inside body
     return run_stage(ctx, "sample", fingerprint, body, distributed=True, precheck=precheck)
+
+
+def check_fid_weights(weights: str | None) -> None:
+    """The FID Inception weights (``sample.fid_weights``, ``$DPT_FID_WEIGHTS`` or the packaged file)
+    load, read safely (nothing in them runs): checked before sampling, not after it."""
+    from ..config.base import ConfigError
+    from ..eval.fid import find_inception_weights, load_inception
+
+    try:
+        load_inception(weights)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(
+            f"FID weights {find_inception_weights(weights)} are not the TF-FID Inception ({type(e).__name__}: "
+            f"{first}); point sample.fid_weights / DPT_FID_WEIGHTS at default_1.pt or a torch-fidelity "
+            "pt_inception state dict, or set sample.fid=false"
+        ) from None
 
 
 def _fid(ctx: StageContext, splits: DatasetSplits, generated: ShardDataset) -> dict[str, Any]:

@@ -108,6 +108,33 @@ def load_classifier(
     return model.to(device).eval()
 
 
+def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None:
+    """Build the stage's classifier for the dataset once (and read a linear probe's backbone
+    weights) before the run directory is touched: a backbone that does not fit the images, or
+    unusable weights, fail here with the setting to change."""
+    from ..config.base import ConfigError
+    from ..models.checkpoints import CheckpointError
+    from ..models.classifiers import create_classifier
+    from ..ssl.linear_probe import build_probe_backbone
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if cfg.learner == "linear-probe":
+                build_probe_backbone(
+                    cfg.backbone, sp.num_classes, sp.channels, sp.image_size, cfg.probe_checkpoint
+                )
+            else:
+                create_classifier(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{key}.backbone={cfg.backbone!r} cannot be built for {sp.channels}-channel {sp.image_size}px images "
+            f"({first}); choose another {key}.backbone (or set data.image_size)"
+        ) from None
+
+
 def pseudo_label_summary(pred: np.ndarray, conf: np.ndarray, true: np.ndarray, classes: list[str]) -> dict:
     """Per-class counts and, where true labels are known, accuracy overall and per class."""
     num_classes = len(classes)
@@ -228,4 +255,7 @@ def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageR
             log.info("stage1: test top-1 %.2f%%, pseudo-label accuracy %.2f%%", fit.test_top1, pl["accuracy"])
         return summary
 
-    return run_stage(ctx, "stage1", stage1_fingerprint(ctx), body)
+    def precheck() -> None:
+        check_classifier("stage1", cfg.stage1, splits if splits is not None else build_splits(cfg.data))
+
+    return run_stage(ctx, "stage1", stage1_fingerprint(ctx), body, precheck=precheck)

@@ -24,7 +24,13 @@ from ..sampling import ShardDataset, is_shard_dir
 from ..ssl import ClassifierData
 from ..utils.io import atomic_write_json, read_json
 from .common import StageContext, StageResult, data_fingerprint, run_stage
-from .stage1 import classifier_fingerprint, fit_learner, load_classifier, save_test_predictions
+from .stage1 import (
+    check_classifier,
+    classifier_fingerprint,
+    fit_learner,
+    load_classifier,
+    save_test_predictions,
+)
 
 log = logging.getLogger("dpt_engine")
 
@@ -366,6 +372,7 @@ def run_stage3(
     def precheck() -> None:  # missing or foreign pseudo images, or a stage 1 that cannot be fine-tuned,
         # fail here, before the run directory is touched
         sp = loaded["splits"] = splits if splits is not None else build_splits(cfg.data)
+        check_classifier("stage3", cfg.stage3, sp)
         loaded["pseudo"] = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
         if cfg.stage3.init_from_stage1:
             loaded["init"] = _stage1_init(ctx)
