@@ -17,6 +17,8 @@ def test_plan_runs_full_pipeline_extra_seeds_and_references():
     names = [r["name"] for r in runs]
     # long runs first, the cheap stage-1-only seeds last (they fill the gaps under --jobs)
     assert names == ["k1_s0", "k4_s0", "true_labels", "unconditional", "k1_s1", "k4_s1"]
+    with_abl = [r["name"] for r in plan_runs([1], [0], [], references=False, ablations=True)]
+    assert with_abl == ["k1_s0", "k1_s0_nopseudo"]
     full = {r["name"]: r for r in runs}
     assert full["k1_s0"]["stages"] == ["stage1", "stage2", "sample", "stage3"]
     assert full["k1_s1"]["stages"] == ["stage1"]  # seed 0 is not duplicated as a classifier-only run
@@ -71,12 +73,22 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     out = read_json(results / "quality_fashion_mnist.json")
     assert out["meta"]["complete"] and out["meta"]["scale"] == "smoke"
     by_name = {r["name"]: r for r in out["runs"]}
-    assert set(by_name) == {"k1_s0", "k1_s1"}
+    assert set(by_name) == {"k1_s0", "k1_s1", "k1_s0_nopseudo"}
+    # the ablation: stage 3 once more on k1_s0's own stage 1 and samples, without the pseudo images
+    abl = tmp_path / "runs" / "k1_s0_nopseudo"
+    assert (
+        (abl / "stage1").is_symlink() and (abl / "sample").is_symlink() and not (abl / "stage3").is_symlink()
+    )
+    assert by_name["k1_s0_nopseudo"]["metrics"]["stage3.num_pseudo"] == 0
     report = json.loads((tmp_path / "runs" / "k1_s0" / "report.json").read_text())
     assert by_name["k1_s0"]["metrics"]["stage3.top1"] == report["metrics"]["stage3.top1"]
     agg = out["aggregate"]["by_labels_per_class"]["1"]
     assert agg["stage1_top1"]["n"] == 2
     assert agg["stage3_top1"]["n"] == 1 and agg["fid_pseudo"]["mean"] > 0
+    effect = by_name["k1_s0"]["metrics"]["stage3.top1"] - by_name["k1_s0_nopseudo"]["metrics"]["stage3.top1"]
+    assert agg["stage3_top1_no_pseudo"]["n"] == 1 and agg["pseudo_image_effect"]["mean"] == pytest.approx(
+        effect
+    )
     assert (results / "quality_fashion_mnist.png").stat().st_size > 1000
     assert "| 1 |" in (results / "quality_fashion_mnist.md").read_text()
     # a second call finds every stage done and only re-reads the reports: no stage artifact is rewritten
@@ -141,4 +153,8 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
         )
         == 0
     )
-    assert read_json(results / "quality_fashion_mnist.json")["meta"]["missing"] == ["k1_s0", "k1_s1"]
+    assert read_json(results / "quality_fashion_mnist.json")["meta"]["missing"] == [
+        "k1_s0",
+        "k1_s0_nopseudo",
+        "k1_s1",
+    ]

@@ -103,3 +103,12 @@ def test_description_reads_well():
     )
     assert text.startswith("The stage-1 classifier put 9% of the 500 pseudo images")
     assert "stage 1's weights" in text
+
+
+def test_pseudo_weight_zero_trains_on_the_real_images_alone(trained):
+    """The ablation behind the benchmark's "no pseudo images" column: same schedule and start,
+    every pseudo image left out (none takes a batch slot)."""
+    s3 = _stage3(trained, 0, [*DEFENDED, "stage3.pseudo_weight=0"])
+    assert s3["num_pseudo"] == 0 and s3["pseudo_kept"] == 0 and s3["pseudo_stage1_agreement"] > 0.6
+    assert "trained on the real images alone" in s3["what_stage3_did"]
+    assert s3["top1"] >= trained[2] - 2.0

@@ -243,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         sorted(
             d
             for d in out.iterdir()
-            if d.is_dir() and (d / "sample" / "done.json").is_file() and d.name != "unconditional"
+            if d.is_dir()
+            and (d / "sample" / "done.json").is_file()
+            and d.name != "unconditional"
+            and not (d / "sample").is_symlink()  # an ablation shares its DPT run's samples
         )
         if out.is_dir()
         else []

@@ -78,9 +78,17 @@ SMOKE_OVERRIDES = [
 
 
 def plan_runs(
-    labels: Sequence[int], seeds: Sequence[int], classifier_only_seeds: Sequence[int], references: bool
+    labels: Sequence[int],
+    seeds: Sequence[int],
+    classifier_only_seeds: Sequence[int],
+    references: bool,
+    ablations: bool = False,
 ) -> list[dict[str, Any]]:
-    """The runs of the benchmark: name, stages and config overrides of each."""
+    """The runs of the benchmark: name, stages and config overrides of each.
+
+    ``ablations``: for every DPT run, stage 3 once more on the same stage 1 with
+    ``stage3.pseudo_weight=0`` (same start, schedule and real images, no pseudo images), so the
+    pseudo images' own share of the stage-3 gain is measured, apart from the extra training."""
     runs: list[dict[str, Any]] = []
     for k in labels:
         for s in seeds:
@@ -106,6 +114,25 @@ def plan_runs(
                     "overrides": [f"stage2.label_source={source}", "run.seed=0"],
                 }
             )
+    if ablations:
+        for k in labels:
+            for s in seeds:
+                runs.append(
+                    {
+                        "name": f"k{k}_s{s}_nopseudo",
+                        "kind": "ablation-no-pseudo",
+                        "labels_per_class": k,
+                        "seed": s,
+                        "stages": ["stage3"],
+                        "overrides": [
+                            f"data.labels_per_class={k}",
+                            f"data.seed={s}",
+                            f"run.seed={s}",
+                            "stage3.pseudo_weight=0",
+                        ],
+                        "parent": f"k{k}_s{s}",
+                    }
+                )
     # the cheap stage-1-only seeds last: with --jobs they fill the time the long runs leave
     for k in labels:
         for s in classifier_only_seeds:
@@ -203,9 +230,23 @@ def _run_one(run: dict[str, Any], out: Path, preset: str, extra: list[str], prog
     from dpt_engine.pipeline import run_pipeline
 
     cfg = resolve_config(preset, overrides=run["overrides"] + extra)
+    if run.get("parent"):
+        _link_parent(out / run["parent"], out / run["name"])
     t0 = time.perf_counter()
     report = run_pipeline(cfg, out / run["name"], stages=run["stages"], progress=progress)
     return _record(run, extra, report, time.perf_counter() - t0, preset)
+
+
+def _link_parent(parent: Path, run_dir: Path) -> None:
+    """An ablation reuses its DPT run's finished stage 1, stage 2 and samples (symlinks)."""
+    for stage in ("stage1", "stage2", "sample"):
+        if not (parent / stage / "done.json").is_file():
+            raise RuntimeError(f"{parent.name} has not finished {stage}: run it before its ablation")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in ("stage1", "stage2", "sample"):
+        link = run_dir / stage
+        if not link.exists():
+            link.symlink_to(Path("..") / parent.name / stage, target_is_directory=True)
 
 
 def _mean_std(xs: list[float]) -> dict[str, Any]:
@@ -221,7 +262,10 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean / sample std / n over seeds for every k, and the reference FIDs."""
     by_k: dict[int, dict[str, Any]] = {}
     for k in sorted({r["labels_per_class"] for r in records if r["labels_per_class"] is not None}):
-        rs = [r for r in records if r["labels_per_class"] == k]
+        rs = [r for r in records if r["labels_per_class"] == k and r["kind"] in ("dpt", "stage1-only")]
+        abl = {
+            r["seed"]: r for r in records if r["labels_per_class"] == k and r["kind"] == "ablation-no-pseudo"
+        }
 
         def col(key: str, rs=rs) -> list[float]:
             return [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
@@ -237,6 +281,18 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             xs = col(key)
             if xs:
                 entry[label] = _mean_std(xs)
+        # the ablation (same stage 1, no pseudo images) and the pseudo images' own effect, paired by seed
+        no_pseudo, effect = [], []
+        for r in rs:
+            a = abl.get(r.get("seed"))
+            if r["kind"] == "dpt" and a is not None and a["metrics"].get("stage3.top1") is not None:
+                no_pseudo.append(a["metrics"]["stage3.top1"])
+                if r["metrics"].get("stage3.top1") is not None:
+                    effect.append(r["metrics"]["stage3.top1"] - a["metrics"]["stage3.top1"])
+        if no_pseudo:
+            entry["stage3_top1_no_pseudo"] = _mean_std(no_pseudo)
+        if effect:
+            entry["pseudo_image_effect"] = _mean_std(effect)
         by_k[k] = entry
     refs = {
         r["kind"].removeprefix("reference-"): r["metrics"].get("generation.fid")
@@ -265,30 +321,45 @@ def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     if not meta.get("complete", True):
         lines += [f"**Incomplete**: not yet run: {', '.join(meta.get('missing', [])) or '?'}.", ""]
     lines += [
+        "Mean +- sample standard deviation over label seeds (n = seeds); test split of 10,000 images.",
+        "",
         "| labels/class | stage-1 top-1 (%) | pseudo-label acc. (%) | FID (pseudo-label model) "
-        "| stage-3 top-1 (%) | stage-3 gain (points) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| stage-3 top-1 (%) | stage-3 gain (points) | stage 3 without pseudo images (%) "
+        "| pseudo images' own effect (points) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, e in agg["by_labels_per_class"].items():
         lines.append(
             f"| {k} | {_fmt(e.get('stage1_top1'))} | {_fmt(e.get('pseudo_label_accuracy'))} "
-            f"| {_fmt(e.get('fid_pseudo'), 2)} | {_fmt(e.get('stage3_top1'))} | {_fmt(e.get('stage3_gain'))} |"
+            f"| {_fmt(e.get('fid_pseudo'), 2)} | {_fmt(e.get('stage3_top1'))} | {_fmt(e.get('stage3_gain'))} "
+            f"| {_fmt(e.get('stage3_top1_no_pseudo'))} | {_fmt(e.get('pseudo_image_effect'))} |"
         )
+    lines += [
+        "",
+        "Stage 3 starts from stage 1's weights and trains 800 more steps; the ablation runs exactly that "
+        "with `stage3.pseudo_weight=0` (no pseudo images) on the same stage 1, so the last column is what "
+        "the pseudo images themselves add (paired by seed).",
+    ]
     refs = agg["reference_fid"]
     if refs:
+        true_fid = refs.get("true")
         lines += [
             "",
-            "| diffusion model trained on | FID |",
-            "| --- | --- |",
+            "| diffusion model trained on | FID | / true-label FID |",
+            "| --- | --- | --- |",
         ]
         for k, e in agg["by_labels_per_class"].items():
             if e.get("fid_pseudo"):
-                lines.append(f"| pseudo-labels from {k} label(s)/class | {_fmt(e['fid_pseudo'], 2)} |")
+                ratio = f"{e['fid_pseudo']['mean'] / true_fid:.2f}" if true_fid else "-"
+                lines.append(
+                    f"| pseudo-labels from {k} label(s)/class | {_fmt(e['fid_pseudo'], 2)} | {ratio} |"
+                )
         for src, fid in refs.items():
             name = {"true": "true labels (fully supervised)", "none": "no labels (unconditional)"}.get(
                 src, src
             )
-            lines.append(f"| {name} | {'-' if fid is None else f'{fid:.2f}'} |")
+            ratio = f"{fid / true_fid:.2f}" if (fid is not None and true_fid) else "-"
+            lines.append(f"| {name} | {'-' if fid is None else f'{fid:.2f}'} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -351,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-references", action="store_true", help="skip the true-label / unconditional models")
     p.add_argument(
+        "--no-ablations",
+        action="store_true",
+        help="skip the stage-3 runs without pseudo images (stage3.pseudo_weight=0 on each DPT run's stage 1)",
+    )
+    p.add_argument(
         "--scale",
         choices=("preset", "smoke"),
         default="preset",
@@ -389,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f"sample.fid_cache={(out / 'fid_cache').resolve()}"]
     extra += {"preset": [], "smoke": SMOKE_OVERRIDES}[args.scale]
     extra += list(args.set)
-    runs = plan_runs(args.labels, args.seeds, args.classifier_only_seeds, not args.no_references)
+    runs = plan_runs(
+        args.labels, args.seeds, args.classifier_only_seeds, not args.no_references, not args.no_ablations
+    )
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     device = device_name("cuda") if torch.cuda.is_available() else device_name("cpu")
@@ -459,25 +537,30 @@ def main(argv: list[str] | None = None) -> int:
             initializer=_set_threads,
             initargs=(threads,),
         ) as pool:
-            futures = {pool.submit(_run_one, runs[i], out, args.preset, extra, False): i for i in todo}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    rec = fut.result()
-                except Exception as e:  # the other runs go on; the run's own log.txt has the traceback
-                    failed.append(runs[i]["name"])
+            # ablations reuse their DPT run's stages: they start once every other run is done
+            for phase in (
+                [i for i in todo if not runs[i].get("parent")],
+                [i for i in todo if runs[i].get("parent")],
+            ):
+                futures = {pool.submit(_run_one, runs[i], out, args.preset, extra, False): i for i in phase}
+                for fut in as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        rec = fut.result()
+                    except Exception as e:  # the other runs go on; the run's own log.txt has the traceback
+                        failed.append(runs[i]["name"])
+                        print(
+                            f"[quality] {runs[i]['name']} FAILED: {type(e).__name__}: {e}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        continue
+                    table = finish(i, rec)
                     print(
-                        f"[quality] {runs[i]['name']} FAILED: {type(e).__name__}: {e}",
-                        file=sys.stderr,
+                        f"[quality] finished {runs[i]['name']} ({len(done)}/{len(runs)}) in "
+                        f"{rec['wall_time_this_call_s']:.0f} s",
                         flush=True,
                     )
-                    continue
-                table = finish(i, rec)
-                print(
-                    f"[quality] finished {runs[i]['name']} ({len(done)}/{len(runs)}) in "
-                    f"{rec['wall_time_this_call_s']:.0f} s",
-                    flush=True,
-                )
     print(table)
     if failed:
         print(f"[quality] failed runs: {', '.join(failed)} (see <out>/<run>/log.txt)", file=sys.stderr)

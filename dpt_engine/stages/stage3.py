@@ -194,6 +194,8 @@ def _select_and_weight(
     info: dict[str, Any] = {}
     if not (s3.filter_pseudo or s3.pseudo_weighting != "uniform"):
         info.update(_check_agreement(ctx, sp, pseudo))
+        if s3.pseudo_weight == 0:  # the real images alone (an ablation of the pseudo images)
+            return pseudo.subset(np.arange(0)), np.zeros(0, dtype=np.float32), {**info, "pseudo_kept": 0}
         return pseudo, np.full(n0, s3.pseudo_weight, dtype=np.float32), info
     agree, p, _ = _stage1_scores(ctx, sp, pseudo)
     if agree is None:
@@ -229,6 +231,8 @@ def _select_and_weight(
             )
             keep = keep[:0]
             w = w[:0]
+    if len(w) and not (w > 0).all():  # weight 0 (stage3.pseudo_weight=0): the image takes no batch slot
+        keep, w = keep[w > 0], w[w > 0]
     kept = pseudo.subset(keep) if len(keep) < n0 else pseudo  # may be empty: real images only
     nc = sp.num_classes
     info.update(
@@ -312,7 +316,9 @@ def describe_stage3(s: dict[str, Any]) -> str:
         parts.append(
             f"the {s.get('pseudo_kept', s.get('num_pseudo'))} it agreed with were kept and the rest dropped"
         )
-    if s.get("pseudo_weighting") == "stage1-agreement":
+    if s.get("pseudo_weight") == 0:
+        parts.append("stage3.pseudo_weight=0 left them out: stage 3 trained on the real images alone")
+    elif s.get("pseudo_weighting") == "stage1-agreement":
         trust = float(s.get("pseudo_trust", 0.0))
         if trust <= 0.0:
             parts.append("that is no better than chance, so stage 3 trained without the pseudo images")
@@ -321,7 +327,7 @@ def describe_stage3(s: dict[str, Any]) -> str:
                 f"so each pseudo image counted {trust:.2f} of a real labeled image in the loss "
                 "(its trust: the agreement above chance)"
             )
-    if s.get("pseudo_weighting") == "stage1-confidence":
+    if s.get("pseudo_weighting") == "stage1-confidence" and s.get("pseudo_weight") != 0:
         parts.append(
             f"each kept image was weighted by stage 1's probability of its class (mean weight "
             f"{s.get('pseudo_mean_weight', 0):.2f}, real labeled images 1.0)"
@@ -443,6 +449,7 @@ def run_stage3(
             "resumed_from_step": fit.resumed_from,
             "init_from_stage1": init_state is not None,
             "pseudo_weighting": cfg.stage3.pseudo_weighting,
+            "pseudo_weight": cfg.stage3.pseudo_weight,
             "filter_pseudo": cfg.stage3.filter_pseudo,
             **filter_info,
         }
