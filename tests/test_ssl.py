@@ -332,3 +332,22 @@ def test_classifier_precision_auto_keeps_old_fingerprints():
 
     assert "precision" not in classifier_fingerprint(ClassifierConfig())
     assert classifier_fingerprint(ClassifierConfig(precision="bf16"))["precision"] == "bf16"
+
+
+def test_predict_proba_fast_layout_matches_the_plain_forward():
+    """Large CPU calls run a channels_last copy of a conv model: same probabilities to fp32
+    rounding, and the caller's model keeps its (contiguous) layout for training."""
+    from dpt_engine.data.base import ArrayImageDataset
+    from dpt_engine.models.classifiers import create_classifier
+    from dpt_engine.ssl.trainer import _CHANNELS_LAST_MIN, predict_proba
+
+    torch.manual_seed(0)
+    n = _CHANNELS_LAST_MIN + 100
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
+    ds = ArrayImageDataset(images, torch.zeros(n, dtype=torch.long), [str(c) for c in range(10)])
+    model = create_classifier("cnn-small", 10, 1, 28).eval()
+    fast = predict_proba(model, ds)
+    with torch.no_grad():
+        ref = torch.cat([model(images[i : i + 512].float() / 255).softmax(1) for i in range(0, n, 512)])
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -336,7 +336,7 @@ def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Stage 3 starts from stage 1's weights and trains 800 more steps; the ablation runs exactly that "
+        "Stage 3 starts from stage 1's weights and trains `stage3.steps` more steps; the ablation runs exactly that "
         "with `stage3.pseudo_weight=0` (no pseudo images) on the same stage 1, so the last column is what "
         "the pseudo images themselves add (paired by seed).",
     ]

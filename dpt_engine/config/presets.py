@@ -190,7 +190,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stage3": {
             "learner": "freematch",
             "backbone": "cnn-small",
-            "steps": 800,
+            # fine-tuning from stage 1 is flat after 250 steps (measured on a held-out part of the
+            # training set, data.holdout=5000): 500 keeps the whole run under 45 minutes
+            "steps": 500,
             "hflip": True,
             "tau_ema": 0.99,
             "precision": "bf16",

@@ -386,6 +386,10 @@ def load_inception(
                 TFInceptionV3Pool3(FEATURE_EXTRACTOR_NAME, ["2048"], feature_extractor_weights_path=path)
             )
         model = model.to(dev).eval().requires_grad_(False)
+        if dev.type == "cpu":
+            # NHWC convolutions: 1.7x faster on a CPU (6.4 -> 11.1 img/s on 2 cores), features equal to
+            # 5e-6 (fp32 summation order); the inputs stay NCHW
+            model = model.to(memory_format=torch.channels_last)
         _INCEPTION_CACHE[key] = model
     return model
 

@@ -308,6 +308,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_CHANNELS_LAST_MIN = 2048  # images: below this the layout change does not pay for the model copy
+
+
 @torch.inference_mode()
 def predict_proba(
     model: nn.Module,
@@ -325,6 +328,14 @@ def predict_proba(
     device = device or _model_device(model)
     model.eval()
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    if (
+        device.type == "cpu"
+        and len(idx) >= _CHANNELS_LAST_MIN
+        and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    ):
+        # oneDNN's convolutions run ~1.7x faster on NHWC (cnn-small: 1,300 -> 2,300 img/s), with the
+        # same results to fp32 rounding; a copy, so the caller's (training) model keeps its layout
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     out = []
     for images, _, _ in iterate_batches(dataset, idx, batch_size, num_workers=num_workers):
         x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W) in [0, 1]
