@@ -61,9 +61,17 @@ ENV_VAR = "DPT_KERNELS"
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpp")
 #: auto-detection preference by device type of the op's first tensor
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "reference"),
+    # PyTorch's own first on a GPU (SDPA's flash / cuDNN / efficient kernels, _foreach_lerp_, eager
+    # ops); a fused backend moves ahead only where CUDA_MEASURED_WINNERS says it was measured faster
+    "cuda": ("reference", "triton", "cuda"),
     "cpu": ("cpp", "reference"),
 }
+
+# Fused kernels that a committed GPU measurement (benchmarks/results/gpu_check_<device>/) showed
+# faster than PyTorch's own on that GPU: {"op", "backend", "device" (a substring of
+# torch.cuda.get_device_name(), lower case), "source" (the result file), "ratio"}. Empty until a
+# GPU run measures one: until then `auto` on CUDA means PyTorch's implementation.
+CUDA_MEASURED_WINNERS: list[dict[str, Any]] = []
 _DEFAULT_AUTO_ORDER = ("reference",)
 
 # ---------------------------------------------------------------------------- optional triton
@@ -283,6 +291,31 @@ def _requested(op: str, backend: str | None) -> tuple[str, str]:
 _LOGGED: set[tuple[str, str, str]] = set()
 
 
+def _device_name(tensors: Sequence[torch.Tensor]) -> str:
+    dev = tensors[0].device if tensors else None
+    if dev is None or dev.type != "cuda":
+        return str(dev.type) if dev is not None else ""
+    try:
+        return torch.cuda.get_device_name(dev).lower()
+    except Exception:  # pragma: no cover - no driver
+        return "cuda"
+
+
+def _auto_order(op: str, device_type: str, tensors: Sequence[torch.Tensor]) -> tuple[tuple[str, ...], str]:
+    """The auto candidates for ``op`` on this device, and where that order comes from (for the log)."""
+    order = AUTO_ORDER.get(device_type, _DEFAULT_AUTO_ORDER)
+    if device_type not in ("cuda", "meta"):  # meta: the tests' stand-in for a GPU
+        return order, ""
+    name = _device_name(tensors)
+    for w in CUDA_MEASURED_WINNERS:
+        if w.get("op") == op and str(w.get("device", "")).lower() in name:
+            first = w["backend"]
+            return (first, *(c for c in order if c != first)), (
+                f" (measured {w.get('ratio', '?')}x faster than PyTorch's on {w['device']}: {w.get('source', '?')})"
+            )
+    return order, " (PyTorch's own: no committed GPU measurement shows a fused kernel faster here)"
+
+
 def resolve_backend(
     op: str, tensors: Sequence[torch.Tensor], backend: str | None = None
 ) -> Callable[..., Any]:
@@ -308,7 +341,8 @@ def resolve_backend(
 
     device_type = tensors[0].device.type if tensors else "cpu"
     skipped = []
-    for cand in AUTO_ORDER.get(device_type, _DEFAULT_AUTO_ORDER):
+    order, why_order = _auto_order(op, device_type, tensors)
+    for cand in order:
         b = registry.get(cand)
         if b is None or not b.auto:
             skipped.append(f"{cand}: not registered")
@@ -321,6 +355,13 @@ def resolve_backend(
         if key not in _LOGGED:
             _LOGGED.add(key)
             why = f" (skipped {'; '.join(skipped)})" if skipped else ""
-            logger.info("dpt_engine.kernels: %s on %s tensors -> %s backend%s", op, device_type, cand, why)
+            logger.info(
+                "dpt_engine.kernels: %s on %s tensors -> %s backend%s%s",
+                op,
+                device_type,
+                cand,
+                why,
+                why_order,
+            )
         return b.fn
     raise BackendUnavailableError(f"{op}: no backend can run on {device_type} tensors ({'; '.join(skipped)})")

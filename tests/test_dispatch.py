@@ -114,15 +114,26 @@ def test_auto_falls_back_and_logs_once(op, caplog, monkeypatch) -> None:
     assert len(records) == 1
     assert "-> reference" in records[0].getMessage()
     assert "cpp: cpp kernels were built without this op" in records[0].getMessage()
-    # the CUDA order (triton, cuda, reference), exercised on meta tensors
+    # the CUDA order, exercised on meta tensors: PyTorch's own (reference) first ...
     monkeypatch.setitem(dispatch.AUTO_ORDER, "meta", dispatch.AUTO_ORDER["cuda"])
     meta = (torch.empty(1, device="meta"),)
+    assert dispatch.CUDA_MEASURED_WINNERS == []  # no GPU measurement committed yet
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpt_engine.kernels"):
+        assert _run(name, meta) == "reference"
+    assert "no committed GPU measurement" in caplog.records[-1].getMessage()
+    # ... unless a committed measurement says a fused kernel wins on this device
+    monkeypatch.setattr(
+        dispatch,
+        "CUDA_MEASURED_WINNERS",
+        [{"op": name, "backend": "triton", "device": "meta", "ratio": 1.3, "source": "gpu_check_x/rows.json"}],
+    )
     assert _run(name, meta) == "triton"
     state["triton"] = "no triton here"
-    assert _run(name, meta) == "cuda"
-    state["cuda"] = "no cuda kernels"
     assert _run(name, meta) == "reference"
     dispatch.unregister_backend(name, "reference")
+    assert _run(name, meta) == "cuda"
+    state["cuda"] = "no cuda kernels"
     with pytest.raises(BackendUnavailableError, match="no backend can run on meta tensors"):
         _run(name, meta)
 
