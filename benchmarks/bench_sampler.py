@@ -26,7 +26,14 @@ before every call to reset the scheduler, so inside its timed calls).
 Time grid: diffusers' ``linspace`` spacing, integer timestep ``k`` <-> our continuous time
 ``(k + 1) / N``, then a final ``1 / N`` (``final_sigmas_type='sigma_min'``); ``DPMSolverPP`` gets
 exactly that grid and ``lower_order_final_below=15`` (diffusers' rule), as in
-``tests/test_dpm_solver.py``.
+``tests/test_dpm_solver.py``. The grid is computed here (``linspace_grid``) and checked against
+diffusers' when diffusers is installed.
+
+diffusers is optional: without it (e.g. a bare GPU image) the ``diffusers`` variant is left out
+with a ``skipped`` row saying why, and the rest runs. ``--variants`` picks a subset (the
+``benchmarks/gpu_check.py`` driver times ``dpt_engine-fused`` against ``naive-original``);
+``--precision bf16`` runs every network forward under bf16 autocast (the solver state stays
+fp32), as stage 2 samples on a GPU.
 
 Run: ``python -m benchmarks.bench_sampler [--model uvit-tiny8] [--batch 64] [--steps 20]``.
 """
@@ -42,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpt_engine.diffusion import (
@@ -69,7 +77,7 @@ from .harness import (
     write_rows,
 )
 
-__all__ = ["LOOP_VARIANTS", "VARIANTS", "build_parser", "main", "run"]
+__all__ = ["LOOP_VARIANTS", "VARIANTS", "build_parser", "linspace_grid", "main", "run"]
 
 BENCHMARK = "sampler"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -100,9 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the initial noise")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="network forwards in fp32 or under bf16 autocast (solver state fp32 either way)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="variants to time (default all; diffusers is left out when not installed)",
+    )
     p.add_argument("--json", type=Path, default=None, help="rows out (default results/sampler_<dev>.json)")
     p.add_argument("--png", type=Path, default=None, help="chart out (default results/sampler_<dev>.png)")
     return p
+
+
+def linspace_grid(num_train_timesteps: int, steps: int) -> list[float]:
+    """The ``steps + 1`` continuous times of diffusers' ``linspace`` spacing: integer timesteps
+    ``k = round(linspace(0, N - 1, steps + 1))`` (descending, the last dropped) as ``(k + 1) / N``,
+    then ``1 / N`` (``final_sigmas_type='sigma_min'``)."""
+    n = num_train_timesteps
+    ks = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    return [(int(k) + 1) / n for k in ks] + [1.0 / n]
 
 
 def _diffusers_scheduler(schedule: DiscreteVPSchedule) -> Any:
@@ -141,7 +171,7 @@ class _Setup:
     schedule: DiscreteVPSchedule
     steps: int
     grid: list[float]  # steps + 1 decreasing continuous times
-    sched: Any  # diffusers DPMSolverMultistepScheduler
+    sched: Any  # diffusers DPMSolverMultistepScheduler, or None without diffusers
     x_T: torch.Tensor  # (B, C, H, W) fp32
 
     def solver(self) -> DPMSolverPP:
@@ -163,12 +193,30 @@ class _Setup:
         return x
 
 
-def _make_setup(schedule: DiscreteVPSchedule, steps: int, x_T: torch.Tensor) -> _Setup:
-    sched = _diffusers_scheduler(schedule)
-    _set_timesteps(sched, steps, x_T.device)
+def _make_setup(schedule: DiscreteVPSchedule, steps: int, x_T: torch.Tensor, diffusers: bool) -> _Setup:
     n = schedule.num_train_timesteps
-    grid = [(int(k) + 1) / n for k in sched.timesteps] + [1.0 / n]
+    grid = linspace_grid(n, steps)
+    sched = None
+    if diffusers:
+        sched = _diffusers_scheduler(schedule)
+        _set_timesteps(sched, steps, x_T.device)
+        theirs = [(int(k) + 1) / n for k in sched.timesteps] + [1.0 / n]
+        if theirs != grid:
+            raise RuntimeError(f"diffusers' linspace grid {theirs} differs from linspace_grid's {grid}")
     return _Setup(schedule, steps, grid, sched, x_T)
+
+
+class _Autocast(torch.nn.Module):
+    """``net`` with every forward under bf16 autocast on its device (what stage 2 samples with)."""
+
+    def __init__(self, net: UViT) -> None:
+        super().__init__()
+        self.net = net
+        self.cfg = net.cfg
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.net(x, t, y)
 
 
 def _fused_backend(setup: _Setup, table: SolverStepTable) -> str:
@@ -180,9 +228,9 @@ def _fused_backend(setup: _Setup, table: SolverStepTable) -> str:
 
 
 def _network_variants(
-    net: UViT, setup: _Setup, y: torch.Tensor, scale: float
+    net: UViT | _Autocast, setup: _Setup, y: torch.Tensor, scale: float, names: Sequence[str]
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The five sampling variants, each a zero-argument callable returning its final tensor."""
+    """The sampling variants in ``names``, each a zero-argument callable returning its final tensor."""
     schedule, x_T = setup.schedule, setup.x_T
     null = net.cfg.null_class_id
     assert null is not None
@@ -226,10 +274,10 @@ def _network_variants(
         "network-forward": forwards,
     }
     assert tuple(variants) == VARIANTS
-    return variants
+    return {name: variants[name] for name in VARIANTS if name in names}
 
 
-def _loop_variants(setup: _Setup, scale: float) -> dict[str, Callable[[], Any]]:
+def _loop_variants(setup: _Setup, scale: float, names: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """The solver loops with the model replaced by a precomputed output, plus the setup costs."""
     x_T = setup.x_T
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -245,7 +293,7 @@ def _loop_variants(setup: _Setup, scale: float) -> dict[str, Callable[[], Any]]:
     def doubled_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return doubled
 
-    return {
+    loops: dict[str, Callable[[], Any]] = {
         "dpt_engine": lambda: solver.sample(eps_fn, x_T),
         "dpt_engine-fused": lambda: sample_multistep_fused(
             solver, doubled_fn, x_T, guidance_scale=scale, table=table
@@ -254,6 +302,19 @@ def _loop_variants(setup: _Setup, scale: float) -> dict[str, Callable[[], Any]]:
         "dpt_engine-setup": lambda: setup.table(setup.solver()),
         "diffusers-setup": lambda: _set_timesteps(setup.sched, setup.steps, x_T.device),
     }
+    keep = [*(n for n in LOOP_VARIANTS if n in names), "dpt_engine-setup"]
+    if "diffusers" in names:
+        keep.append("diffusers-setup")
+    return {name: loops[name] for name in keep}
+
+
+def _diffusers_missing() -> str | None:
+    """Why diffusers cannot be used here (None when it imports)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        return f"diffusers is not installed ({exc})"
+    return None
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -263,9 +324,18 @@ def run(args: argparse.Namespace) -> list[Row]:
     busy = load_warning()
     if busy:
         print(f"WARNING: {busy}")
+    names = [v for v in VARIANTS if v in args.variants]
+    skipped: dict[str, str] = {}
+    if "diffusers" in names and (why := _diffusers_missing()) is not None:
+        print(f"sampler: diffusers variant skipped: {why}")
+        skipped["diffusers"] = why
+        names.remove("diffusers")
+    if not names:
+        raise SystemExit("sampler: no variant left to time")
     torch.manual_seed(args.seed)
     net = create_uvit(args.model, num_classes=NUM_CLASSES).to(device).eval()
     cfg = net.cfg
+    model: UViT | _Autocast = _Autocast(net) if args.precision == "bf16" else net
     schedule = make_schedule(SCHEDULE)
     assert isinstance(schedule, DiscreteVPSchedule)
     y = torch.arange(args.batch, device=device) % NUM_CLASSES  # (B,)
@@ -276,21 +346,25 @@ def run(args: argparse.Namespace) -> list[Row]:
         (cfg.in_chans, cfg.img_size, cfg.img_size),
         device=device,
     )  # (B, C, H, W) fp32
-    setup = _make_setup(schedule, args.steps, x_T)
+    setup = _make_setup(schedule, args.steps, x_T, diffusers="diffusers" in names)
     loop_repeats = LOOP_REPEATS_PER_REPEAT * args.repeats
 
     with torch.no_grad():
-        variants = _network_variants(net, setup, y, args.scale)
+        variants = _network_variants(model, setup, y, args.scale, names)
         # untimed first call of every variant: warm-up, and the outputs for the agreement check
         outputs = {name: fn() for name, fn in variants.items()}
-        ref = outputs["dpt_engine"]
-        rel = {name: _rel_diff(ref, outputs[name]) for name in ("diffusers", "naive-original")}
-        rel["dpt_engine-fused"] = _rel_diff(outputs["dpt_engine-fused"], ref)
-        print("agreement (relative L2 difference to dpt_engine's output):")
-        for name, value in rel.items():
-            print(f"  {name:<17} {value:.2e}")
+        samplers = [n for n in names if n != "network-forward"]
+        ref_name = "dpt_engine" if "dpt_engine" in names else (samplers[0] if samplers else None)
+        rel = {} if ref_name is None else {n: _rel_diff(outputs[n], outputs[ref_name]) for n in samplers
+                                            if n != ref_name}  # fmt: skip
+        if rel:
+            print(f"agreement (relative L2 difference to {ref_name}'s output):")
+            for name, value in rel.items():
+                print(f"  {name:<17} {value:.2e}")
+        del outputs
         times = measure_alternating(variants, repeats=args.repeats, warmup=args.warmup)
-        loop_times = measure_alternating(_loop_variants(setup, args.scale), repeats=loop_repeats, warmup=2)
+        loops = _loop_variants(setup, args.scale, names)
+        loop_times = measure_alternating(loops, repeats=loop_repeats, warmup=2)
 
     config = {
         "model": args.model,
@@ -301,7 +375,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         "schedule": SCHEDULE,
         "guidance_scale": args.scale,
         "num_classes": NUM_CLASSES,
-        "dtype": "float32",
+        "dtype": "float32" if args.precision == "fp32" else "bf16 autocast (solver fp32)",
         "repeats": args.repeats,
         "loop_repeats": loop_repeats,
         "warmup": args.warmup,
@@ -317,8 +391,11 @@ def run(args: argparse.Namespace) -> list[Row]:
     def ms(x: float) -> float:
         return 1e3 * x
 
-    rows: list[Row] = []
-    for name in VARIANTS:
+    rows: list[Row] = [
+        Row(BENCHMARK, name, "skipped", 0.0, "-", config={**config, "reason": why}, device=dev)
+        for name, why in skipped.items()
+    ]
+    for name in names:
         s = summarize(times[name])
         rows.append(row(name, "seconds_per_batch", s["p50"], "s", p20=s["p20"], p80=s["p80"]))
         tp = (args.batch / s["p50"], args.batch / s["p80"], args.batch / s["p20"])
@@ -327,33 +404,34 @@ def run(args: argparse.Namespace) -> list[Row]:
         ("dpt_engine", ("diffusers", "naive-original")),
         ("dpt_engine-fused", ("diffusers", "naive-original", "dpt_engine")),
     ):
-        for peer in peers:
+        for peer in (p for p in peers if name in times and p in times):
             r = paired_ratio(times[peer], times[name])
             rows.append(row(name, "speedup", r, "x", baseline=peer, ratio=r))
-    fwd = times["network-forward"]
     nfe = args.steps
-    for name in ("dpt_engine", "dpt_engine-fused", "diffusers"):
-        frac = 1.0 - paired_ratio(fwd, times[name])
-        outside = statistics.median(a - b for a, b in zip(times[name], fwd))
-        # a difference of two timings: the per-round band shows the noise (it straddles 0 when the
-        # solver's cost is below it, and the median may then come out slightly negative)
-        band = summarize([1.0 - f / t for f, t in zip(fwd, times[name])])
-        rows.append(
-            row(
-                name,
-                "outside_forward_fraction",
-                frac,
-                "fraction",
-                baseline="network-forward",
-                ratio=frac,
-                p20=band["p20"],
-                p80=band["p80"],
+    if "network-forward" in times:
+        fwd = times["network-forward"]
+        for name in (n for n in ("dpt_engine", "dpt_engine-fused", "diffusers") if n in times):
+            frac = 1.0 - paired_ratio(fwd, times[name])
+            outside = statistics.median(a - b for a, b in zip(times[name], fwd))
+            # a difference of two timings: the per-round band shows the noise (it straddles 0 when
+            # the solver's cost is below it, and the median may then come out slightly negative)
+            band = summarize([1.0 - f / t for f, t in zip(fwd, times[name])])
+            rows.append(
+                row(
+                    name,
+                    "outside_forward_fraction",
+                    frac,
+                    "fraction",
+                    baseline="network-forward",
+                    ratio=frac,
+                    p20=band["p20"],
+                    p80=band["p80"],
+                )
             )
-        )
-        rows.append(
-            row(name, "outside_forward_ms_per_step", ms(outside) / nfe, "ms", baseline="network-forward")
-        )
-    for name in LOOP_VARIANTS:
+            rows.append(
+                row(name, "outside_forward_ms_per_step", ms(outside) / nfe, "ms", baseline="network-forward")
+            )
+    for name in (n for n in LOOP_VARIANTS if n in loop_times):
         s = summarize(loop_times[name])
         rows.append(
             row(
@@ -365,15 +443,19 @@ def run(args: argparse.Namespace) -> list[Row]:
                 p80=ms(s["p80"]) / nfe,
             )
         )
-    for name in ("dpt_engine", "dpt_engine-fused"):
-        r = paired_ratio(loop_times["diffusers"], loop_times[name])
-        rows.append(row(name, "solver_loop_speedup", r, "x", baseline="diffusers", ratio=r))
+    if "diffusers" in loop_times:
+        for name in (n for n in ("dpt_engine", "dpt_engine-fused") if n in loop_times):
+            r = paired_ratio(loop_times["diffusers"], loop_times[name])
+            rows.append(row(name, "solver_loop_speedup", r, "x", baseline="diffusers", ratio=r))
     for name in ("dpt_engine", "diffusers"):
-        s = summarize(loop_times[f"{name}-setup"])
-        rows.append(row(name, "setup_ms", ms(s["p50"]), "ms", p20=ms(s["p20"]), p80=ms(s["p80"])))
-    rows.append(row("dpt_engine", "rel_diff", rel["diffusers"], "rel_l2", baseline="diffusers"))
-    rows.append(row("dpt_engine", "rel_diff", rel["naive-original"], "rel_l2", baseline="naive-original"))
-    rows.append(row("dpt_engine-fused", "rel_diff", rel["dpt_engine-fused"], "rel_l2", baseline="dpt_engine"))
+        if f"{name}-setup" in loop_times:
+            s = summarize(loop_times[f"{name}-setup"])
+            rows.append(row(name, "setup_ms", ms(s["p50"]), "ms", p20=ms(s["p20"]), p80=ms(s["p80"])))
+    for name, value in rel.items():  # ours named first, as in the speed-ups
+        if ref_name == "dpt_engine" and name in ("diffusers", "naive-original"):
+            rows.append(row("dpt_engine", "rel_diff", value, "rel_l2", baseline=name))
+        else:
+            rows.append(row(name, "rel_diff", value, "rel_l2", baseline=ref_name))
     return rows
 
 
@@ -394,15 +476,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     write_rows(json_path, rows)
     title = (
         f"Guided DPM-Solver++(2M), {args.model}, batch {args.batch}, {args.steps} steps, w={args.scale}, "
-        f"fp32 (medians of {args.repeats} / {rows[0].config['loop_repeats']} interleaved repeats, p20-p80)"
+        f"{args.precision} (medians of {args.repeats} / {rows[0].config['loop_repeats']} interleaved "
+        "repeats, p20-p80)"
     )
-    bar_chart(
-        rows,
-        png_path,
-        title,
-        metric=("throughput", "solver_loop_ms_per_step"),
-        muted=("network-forward",),
-    )
+    metrics = [m for m in ("throughput", "solver_loop_ms_per_step") if any(r.metric == m for r in rows)]
+    bar_chart(rows, png_path, title, metric=metrics, muted=("network-forward",))
     print(f"wrote {json_path} and {png_path}")
     return [r.to_dict() for r in rows]
 

@@ -313,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=2, help="untimed interleaved rounds after the agreement step"
     )
     p.add_argument("--compile", action="store_true", help="add dpt_engine-bf16-compile (torch.compile)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="variants to run (default: all but the compiled one, which --compile adds); without "
+        "original there are no agreement and speed-up-vs-original rows",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch stream")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -334,25 +342,20 @@ def run(args: argparse.Namespace) -> list[Row]:
     torch.manual_seed(args.seed)
     net = create_uvit(args.model)
     data = make_data(net, max(8 * args.batch, 256), args.seed)
-    names = [v for v in VARIANTS if v != "dpt_engine-bf16-compile" or args.compile]
+    if args.variants is not None:
+        names = [v for v in VARIANTS if v in args.variants]
+    else:
+        names = [v for v in VARIANTS if v != "dpt_engine-bf16-compile" or args.compile]
     trainers = {v: make_trainer(v, net, args.batch, data, device, args.seed, args.model) for v in names}
 
     # Agreement: the first step of every variant starts from the same weights on the same batch.
     first_loss = {v: float(tr.step()) for v, tr in trainers.items()}
-    loss_rel = {
-        v: abs(first_loss[v] - first_loss[BASELINE]) / abs(first_loss[BASELINE])
-        for v in names
-        if v != BASELINE
-    }
-    weight_rel = {
-        v: _state_diff(trainers[v].model(), trainers[BASELINE].model()) for v in names if v != BASELINE
-    }
-    ema_rel = {
-        v: _state_diff(trainers[v].ema_model(), trainers[BASELINE].ema_model())
-        for v in names
-        if v != BASELINE
-    }
-    print("agreement after one step from the same state (relative to original):")
+    others = [v for v in names if v != BASELINE] if BASELINE in names else []
+    loss_rel = {v: abs(first_loss[v] - first_loss[BASELINE]) / abs(first_loss[BASELINE]) for v in others}
+    weight_rel = {v: _state_diff(trainers[v].model(), trainers[BASELINE].model()) for v in others}
+    ema_rel = {v: _state_diff(trainers[v].ema_model(), trainers[BASELINE].ema_model()) for v in others}
+    if others:
+        print("agreement after one step from the same state (relative to original):")
     for v in loss_rel:
         print(f"  {v:<20} loss {loss_rel[v]:.2e}  weights {weight_rel[v]:.2e}  ema {ema_rel[v]:.2e}")
 
@@ -375,9 +378,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     fwd = flops_per_forward(net.cfg)
     train_flops = 3.0 * fwd * args.batch  # per step
     peaks = {bf16: peak_flops(device, bf16) for bf16 in (False, True)}
-    ema_tensors = list(trainers["dpt_engine-bf16"].backend.ema_params) + list(
-        trainers["dpt_engine-bf16"].backend.net_params
-    )
+    engine = next((tr for tr in trainers.values() if isinstance(tr, EngineTrainer)), None)
+    ema_tensors = [] if engine is None else [*engine.backend.ema_params, *engine.backend.net_params]
     config: dict[str, Any] = {
         "model": args.model,
         "params": sum(p.numel() for p in net.parameters()),
@@ -387,7 +389,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         "flops_per_image_forward": fwd,
         "flops_per_step": train_flops,
         "threads": torch.get_num_threads(),
-        "ema_backend": _ema_backend(ema_tensors),
+        "ema_backend": _ema_backend(ema_tensors) if ema_tensors else None,
         "fused_adamw": cuda,
         "load_warning": busy,
     }
@@ -417,14 +419,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                     v, "peak_memory", peak_mem[v], "MiB", {**cfg, "memory": "torch.cuda.max_memory_allocated"}
                 )
             )
-        if v != BASELINE:
+        if v in others:
             r = paired_ratio(times[BASELINE], times[v])
             rows.append(row(v, "speedup", r, "x", cfg, baseline=BASELINE, ratio=r))
             rows.append(row(v, "loss_rel_diff", loss_rel[v], "rel", cfg, baseline=BASELINE))
             rows.append(row(v, "weights_rel_diff", weight_rel[v], "rel", cfg, baseline=BASELINE))
             rows.append(row(v, "ema_rel_diff", ema_rel[v], "rel", cfg, baseline=BASELINE))
     for v, ref in (("dpt_engine-bf16", "dpt_engine-fp32"), ("dpt_engine-bf16-compile", "dpt_engine-bf16")):
-        if v in times:
+        if v in times and ref in times:
             r = paired_ratio(times[ref], times[v])
             rows.append(row(v, "speedup", r, "x", config, baseline=ref, ratio=r))
     if not cuda:

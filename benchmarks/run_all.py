@@ -125,30 +125,33 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 def _timings(
     variants: dict[str, Callable[[], Any]], device: torch.device, repeats: int, min_time_s: float
-) -> tuple[dict[str, list[float]], int]:
-    """Interleaved per-call seconds, each timed unit ``inner`` calls long (about ``min_time_s``,
-    calibrated on the first variant) so that the host synchronisation is amortised."""
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Interleaved per-call seconds. Each variant's timed unit is ``inner[name]`` calls long (about
+    ``min_time_s``, calibrated per variant, at most 1000 calls) so that the host synchronisation is
+    amortised without a slow variant repeating a fast one's call count."""
     sync = _sync(device)
-    first = next(iter(variants.values()))
-    first()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        first()
-    sync()
-    inner = int(min(1000, max(1, math.ceil(min_time_s / max((time.perf_counter() - t0) / 3, 1e-7)))))
+    inner: dict[str, int] = {}
+    for name, fn in variants.items():
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync()
+        per_call = max((time.perf_counter() - t0) / 3, 1e-7)
+        inner[name] = int(min(1000, max(1, math.ceil(min_time_s / per_call))))
 
-    def unit(fn: Callable[[], Any]) -> Callable[[], None]:
+    def unit(fn: Callable[[], Any], n: int) -> Callable[[], None]:
         def run() -> None:
-            for _ in range(inner):
+            for _ in range(n):
                 fn()
 
         return run
 
     times = measure_alternating(
-        {k: unit(f) for k, f in variants.items()}, repeats=repeats, warmup=2, sync=sync
+        {k: unit(f, inner[k]) for k, f in variants.items()}, repeats=repeats, warmup=2, sync=sync
     )
-    return {k: [t / inner for t in v] for k, v in times.items()}, inner
+    return {k: [t / inner[k] for t in v] for k, v in times.items()}, inner
 
 
 def _bandwidth_rows(
@@ -176,12 +179,21 @@ def _bandwidth_rows(
     return rows
 
 
-def bench_ema_cuda(quick: bool, device: torch.device | str = "cuda") -> list[Row]:
+def bench_ema_cuda(
+    quick: bool,
+    device: torch.device | str = "cuda",
+    *,
+    sizes: Sequence[int] | None = None,
+    layout: str | None = None,
+    repeats: int | None = None,
+) -> list[Row]:
     """fp32 EMA of ~100M parameters in 200 odd-sized tensors on the GPU: the Triton multi-tensor
     kernel and the CUDA extension vs ``torch._foreach_lerp_``, one flat ``lerp_`` and a copy.
     Bandwidth at 12 bytes per parameter (8 for the copy); the floor on an H100 is ~1.8 ms per
-    500M parameters at 3.35 TB/s. (``device`` may be ``cpu`` to smoke-test the code path: the
-    fused variants then report themselves unavailable.)"""
+    500M parameters at 3.35 TB/s. ``sizes`` replaces the synthetic tensor sizes (e.g. a real
+    model's parameter sizes, named by ``layout``). (``device`` may be ``cpu`` to smoke-test the
+    code path: the fused variants then report themselves unavailable, unless the Triton
+    interpreter runs them.)"""
     from dpt_engine.kernels import available_backends, ema_update_, ema_update_reference_
 
     from .bench_ema import tensor_sizes
@@ -189,7 +201,12 @@ def bench_ema_cuda(quick: bool, device: torch.device | str = "cuda") -> list[Row
     device = torch.device(device)
     total, count, decay = (int(4e6), 40, 0.9999) if quick else (int(100e6), 200, 0.9999)
     g = torch.Generator(device=device).manual_seed(0)
-    sizes = tensor_sizes(total, count, 0)
+    if sizes is None:
+        sizes = tensor_sizes(total, count, 0)
+        layout = layout or f"{count} synthetic odd-sized tensors"
+    else:
+        sizes = [int(n) for n in sizes]
+        total, count = sum(sizes), len(sizes)
     ema = [torch.randn(n, device=device, generator=g) for n in sizes]
     params = [e + 0.01 * torch.randn(n, device=device, generator=g) for e, n in zip(ema, sizes)]
     flat_e, flat_p = (torch.randn(total, device=device, generator=g) for _ in range(2))
@@ -214,24 +231,33 @@ def bench_ema_cuda(quick: bool, device: torch.device | str = "cuda") -> list[Row
         variants[name] = lambda b=backend: ema_update_(ema, params, decay, backend=b)
     variants["flat-lerp"] = lambda: flat_e.lerp_(flat_p, 1.0 - decay)
     variants["copy"] = lambda: copy_dst.copy_(copy_src)
-    times, inner = _timings(variants, device, repeats=5 if quick else 15, min_time_s=0.02)
-    config = {"params": total, "tensors": count, "dtype": "fp32", "decay": decay, "inner": inner,
-              "bit_exact_vs_foreach": exact, "skipped": skipped}  # fmt: skip
+    repeats = repeats or (5 if quick else 15)
+    times, inner = _timings(variants, device, repeats=repeats, min_time_s=0.02)
+    config = {"params": total, "tensors": count, "layout": layout, "dtype": "fp32", "decay": decay,
+              "inner": inner, "repeats": repeats, "bit_exact_vs_foreach": exact, "skipped": skipped}  # fmt: skip
     moved = {k: float((8 if k == "copy" else 12) * total) for k in times}
     peers = ("foreach-lerp", "flat-lerp")
     return _bandwidth_rows("ema_cuda", times, moved, ("triton", "cuda-native"), peers, config, device)
 
 
-def bench_solver_step_cuda(quick: bool, device: torch.device | str = "cuda") -> list[Row]:
-    """One guided DPM-Solver++ order-3 update of a (64, 4, 128, 128) sample on the GPU: the
-    Triton kernel and the CUDA extension vs the eager reference (~10 PyTorch ops), GB/s at the
-    fused step's bytes (``28 * numel``: x, cond + uncond, two older predictions, x0, out)."""
+def bench_solver_step_cuda(
+    quick: bool,
+    device: torch.device | str = "cuda",
+    *,
+    shape: Sequence[int] | None = None,
+    repeats: int | None = None,
+) -> list[Row]:
+    """One guided DPM-Solver++ order-3 update of a (64, 4, 128, 128) sample (or ``shape``) on the
+    GPU: the Triton kernel and the CUDA extension vs the eager reference (~10 PyTorch ops), GB/s
+    at the fused step's bytes (``28 * numel``: x, cond + uncond, two older predictions, x0, out)."""
     from dpt_engine.diffusion import DiscreteVPSchedule, DPMSolverPP
     from dpt_engine.kernels import available_backends, solver_step_reference, solver_step_table
     from dpt_engine.kernels.solver_step import solver_step
 
     device = torch.device(device)
-    shape = (8, 4, 32, 32) if quick else (64, 4, 128, 128)
+    if shape is None:
+        shape = (8, 4, 32, 32) if quick else (64, 4, 128, 128)
+    shape = tuple(int(n) for n in shape)
     numel, scale, order = math.prod(shape), 0.4, 3
     solver = DPMSolverPP(DiscreteVPSchedule("linear"), steps=20, order=3)
     i = next(j for j, k in enumerate(solver.orders) if k == order)
@@ -263,9 +289,10 @@ def bench_solver_step_cuda(quick: bool, device: torch.device | str = "cuda") -> 
 
         exact[name] = torch.equal(fused(), ref)
         variants[name] = fused
-    times, inner = _timings(variants, device, repeats=5 if quick else 15, min_time_s=0.02)
+    repeats = repeats or (5 if quick else 15)
+    times, inner = _timings(variants, device, repeats=repeats, min_time_s=0.02)
     config = {"shape": list(shape), "order": order, "guidance_scale": scale, "inner": inner,
-              "bit_exact_vs_eager": exact, "skipped": skipped}  # fmt: skip
+              "repeats": repeats, "bit_exact_vs_eager": exact, "skipped": skipped}  # fmt: skip
     moved = dict.fromkeys(times, float((4 + 8 + 4 * (order - 1) + 4 + 4) * numel))
     return _bandwidth_rows(
         "solver_step_cuda", times, moved, ("triton", "cuda-native"), ("eager",), config, device

@@ -94,6 +94,47 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
     tl = types.SimpleNamespace(constexpr=Any, float32=None, float16=None, bfloat16=None)
 
 
+def _fix_interpreter_scalar_index() -> bool:
+    """Make the Triton interpreter's scalar -> int conversion work with numpy >= 2.5.
+
+    The interpreter holds every scalar as a 1-element 1-D numpy array and converts one to a
+    Python int (a loop bound such as ``range(0, n_kv, BLOCK)``, a loaded length) with
+    ``int(array)``. numpy 2.5 refuses that for arrays of ndim > 0 ("only 0-dimensional arrays
+    can be converted to Python scalars"), so every kernel with a runtime loop bound fails under
+    triton 3.6's interpreter (the GPU image's stack: triton 3.6.0 with numpy 2.5); triton 3.8
+    squeezes the array first. Wraps the interpreter's tensor patch so that ``__index__``
+    squeezes too. Only the interpreter is touched, only when its own code does not squeeze
+    already; returns whether it patched. Compiled (GPU) kernels never go through this path.
+    """
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as _interp
+    except ImportError:  # pragma: no cover - a triton without the interpreter
+        return False
+    original = getattr(_interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_dpt_squeezes", False):
+        return False
+    try:
+        if "squeeze" in inspect.getsource(original):
+            return False
+    except (OSError, TypeError):  # no source to read: patch anyway, squeezing is harmless
+        pass
+
+    def _patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._dpt_squeezes = True  # type: ignore[attr-defined]
+    _interp._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+INTERPRETER_PATCHED = _fix_interpreter_scalar_index()
+
+
 def interpreted(kernel: Any) -> bool:
     """True when ``kernel`` was decorated while ``TRITON_INTERPRET=1`` (it runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"

@@ -7,7 +7,9 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), DPT_BUILD_CUDA (AUTO|ON|OFF;
 # default AUTO when nvidia-smi lists a GPU, else OFF), DPT_CUDA_ARCHITECTURES (default "80;90"),
-# BUILD_DIR (build/native), JOBS (2), CMAKE_ARGS (extra arguments for the configure step).
+# BUILD_DIR (build/native), JOBS (2), CMAKE_ARGS (extra arguments for the configure step),
+# LIB_DIR (where the library is installed, default kernels/lib; another folder leaves the
+# package's own library alone: load that build with DPT_NATIVE_LIB=<LIB_DIR>/libdpt_engine_ops.so).
 # Exits non-zero when the build fails; the package still imports and uses its PyTorch fallbacks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -59,8 +61,9 @@ torch.ops.load_library(sys.argv[1])
 print('[build_native] ops load; CPU loops:', torch.ops.dpt_engine.cpu_isa(),
       '| CUDA kernels:', torch.ops.dpt_engine.built_with_cuda())
 " "$lib" || { echo "[build_native] the built library does not load; not installing it" >&2; exit 1; }
-mkdir -p kernels/lib
+LIB_DIR=${LIB_DIR:-kernels/lib}
+mkdir -p "$LIB_DIR"
 # Copy then rename, so a running process never maps a half-written file.
-cp "$lib" kernels/lib/.libdpt_engine_ops.so.tmp
-mv -f kernels/lib/.libdpt_engine_ops.so.tmp kernels/lib/libdpt_engine_ops.so
-echo "[build_native] installed kernels/lib/libdpt_engine_ops.so ($(( $(date +%s) - start )) s)"
+cp "$lib" "$LIB_DIR/.libdpt_engine_ops.so.tmp"
+mv -f "$LIB_DIR/.libdpt_engine_ops.so.tmp" "$LIB_DIR/libdpt_engine_ops.so"
+echo "[build_native] installed $LIB_DIR/libdpt_engine_ops.so ($(( $(date +%s) - start )) s)"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -126,7 +127,15 @@ def test_auto_falls_back_and_logs_once(op, caplog, monkeypatch) -> None:
     monkeypatch.setattr(
         dispatch,
         "CUDA_MEASURED_WINNERS",
-        [{"op": name, "backend": "triton", "device": "meta", "ratio": 1.3, "source": "gpu_check_x/rows.json"}],
+        [
+            {
+                "op": name,
+                "backend": "triton",
+                "device": "meta",
+                "ratio": 1.3,
+                "source": "gpu_check_x/rows.json",
+            }
+        ],
     )
     assert _run(name, meta) == "triton"
     state["triton"] = "no triton here"
@@ -235,3 +244,32 @@ def test_kernels_import_and_fall_back_without_triton() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DPT_KERNELS", "TRITON_INTERPRET")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_interpreter_scalar_index_fix_for_numpy_2_5(monkeypatch) -> None:
+    """triton 3.6's interpreter turns scalars into ints with ``int(array)`` on 1-element 1-D
+    arrays, which numpy 2.5 refuses; the dispatch module wraps that patch once (interpreter only)."""
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+
+    def old_patch(tensor, scope):  # triton 3.6's form
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", old_patch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch._fix_interpreter_scalar_index() is False  # compiled kernels: nothing to patch
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch._fix_interpreter_scalar_index() is True
+    assert dispatch._fix_interpreter_scalar_index() is False  # already wrapped
+
+    class Scalar:  # a stand-in for triton.language.tensor holding a 1-element 1-D array
+        def __init__(self, value: int) -> None:
+            self.handle = type("Handle", (), {"data": np.array([value], dtype=np.int32)})()
+
+    scope = interp._LangPatchScope()
+    interp._patch_lang_tensor(Scalar, scope)
+    with warnings.catch_warnings():  # numpy < 2.5 only warns where 2.5 raises: make it raise too
+        warnings.simplefilter("error", DeprecationWarning)
+        assert list(range(0, Scalar(7), 3)) == [0, 3, 6]  # what a loop bound does
+    scope.restore()
+    assert not hasattr(Scalar, "__index__")
