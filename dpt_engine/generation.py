@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .data.imagefolder import safe_class_dirname
 from .utils.io import atomic_path, atomic_write_json
+from .utils.pixels import model_space_to_uint8 as to_uint8  # the old name, still imported by callers
 
 log = logging.getLogger("dpt_engine")
 
@@ -114,11 +115,6 @@ def work_list(num_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Ten
     c = torch.arange(num_classes).repeat_interleave(per_class)
     i = torch.arange(per_class).repeat(num_classes)
     return c, i
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, rounding to nearest."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @torch.no_grad()

@@ -20,6 +20,10 @@ address, length)`` (int64) into a device table; program ``i`` updates chunk ``i`
 ``BLOCK``-wide vector loads. Moving 12 bytes per fp32 parameter (read EMA and param, write
 EMA) in one launch is the bandwidth floor; the table is cached on the tensors' addresses, so a
 training loop builds it once.
+
+The launch runs as the ``torch.library`` custom op ``dpt_triton::ema_update_`` (``mutates_args``
+= the EMA tensors) with a fake implementation, so ``torch.compile`` traces an update as one graph
+node (it functionalises the mutation) instead of breaking the graph at the Triton launch.
 """
 
 from __future__ import annotations
@@ -147,12 +151,8 @@ def ema_update_triton_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tenso
     ema_update_triton_unchecked_(ema, params, decay)
 
 
-@torch.no_grad()
-def ema_update_triton_unchecked_(
-    ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float
-) -> None:
-    """``ema_update_triton_`` without the input checks: the dispatch registers this one, since
-    it has run ``ema_triton_available`` already (one pass over ~1000 tensors is ~1 ms of Python)."""
+def _ema_launch(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float) -> None:
+    """Host launcher: one ``_ema_multi_tensor_kernel`` launch per parameter dtype (no checks)."""
     pairs = [(e, p) for e, p in zip(ema, params) if e.numel()]
     if not pairs:
         return
@@ -171,3 +171,29 @@ def ema_update_triton_unchecked_(
             PARAM_DTYPE=_tl_dtype(dtype),
             BLOCK=cfg["BLOCK"], EMULATE_FMA=interpret, num_warps=cfg["num_warps"],
         )  # fmt: skip
+
+
+# ============================================================================ torch.library op
+# Namespace ``dpt_triton`` (shared with the attention ops; the C++ extension owns ``dpt_engine``).
+@torch.library.custom_op("dpt_triton::ema_update_", mutates_args=("ema",))
+def _ema_update_op(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    _ema_launch(ema, params, decay)
+
+
+@_ema_update_op.register_fake
+def _(ema, params, decay):
+    torch._check(len(ema) == len(params), lambda: "ema and params differ in length")
+    for e, p in zip(ema, params):
+        torch._check(e.numel() == p.numel(), lambda: "EMA and parameter sizes differ")
+
+
+@torch.no_grad()
+def ema_update_triton_unchecked_(
+    ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float
+) -> None:
+    """``ema_update_triton_`` without the input checks: the dispatch registers this one, since
+    it has run ``ema_triton_available`` already (one pass over ~1000 tensors is ~1 ms of Python).
+    Runs the custom op ``dpt_triton::ema_update_``."""
+    if not ema:  # an op call needs a tensor to dispatch on; nothing to update anyway
+        return
+    _ema_update_op(list(ema), list(params), float(decay))

@@ -24,6 +24,10 @@ Precision: all arithmetic is fp32 (model outputs in fp16/bf16 are upcast on load
 operation order as the eager code; the Triton kernel is launched with floating-point
 contraction disabled (no fma fusion), so it reproduces the eager fp32 result bit for bit on
 GPUs as well as under the interpreter.
+
+The launch runs as the ``torch.library`` custom op ``dpt_triton::dpm_solver_step_`` (it mutates
+``history`` and ``out``; same argument list as the C++ extension's ``dpt_engine::dpm_solver_step_``)
+with a fake implementation, so ``torch.compile`` traces a step as one graph node.
 """
 
 from __future__ import annotations
@@ -244,15 +248,39 @@ def solver_step_triton(
         if not 0 <= int(step) < table.steps:
             raise IndexError(f"step {step} is outside 0..{table.steps - 1}")
         step_ptr = table.step_index[int(step) :]  # a view: its address is the index, no copy
+    _solver_step_op(x, model_out, history, table.coef, step_ptr, guidance_scale, out)
+    return out
+
+
+# ============================================================================ torch.library op
+# Namespace ``dpt_triton`` (shared with the attention ops; the C++ extension owns ``dpt_engine``).
+@torch.library.custom_op("dpt_triton::dpm_solver_step_", mutates_args=("history", "out"))
+def _solver_step_op(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    history: torch.Tensor,
+    coef: torch.Tensor,
+    step: torch.Tensor,
+    guidance_scale: float | None,
+    out: torch.Tensor,
+) -> None:
+    """Host launcher (no checks: ``solver_step_triton`` validated the call). ``coef`` is
+    ``table.coef``, ``step`` an int tensor whose first element is the step index."""
     numel = x.numel()
     cfg = step_config(interpreted(_dpm_multistep_kernel))
     _dpm_multistep_kernel[(triton.cdiv(numel, cfg["BLOCK"]),)](
-        x, model_out, history, out, table.coef, step_ptr,
+        x, model_out, history, out, coef, step,
         numel, history.shape[0], _fp32(0.0 if guidance_scale is None else guidance_scale),
         GUIDED=guidance_scale is not None, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
         enable_fp_fusion=False,
     )  # fmt: skip
-    return out
+
+
+@_solver_step_op.register_fake
+def _(x, model_out, history, coef, step, guidance_scale, out):
+    torch._check(coef.dim() == 2 and coef.shape[1] == 7, lambda: "coef must be (steps, 7)")
+    torch._check(history.dim() == x.dim() + 1, lambda: "history must be (S, *x.shape)")
+    torch._check(out.shape == x.shape, lambda: "out must have x's shape")
 
 
 # ============================================================================ public entry points

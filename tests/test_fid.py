@@ -226,7 +226,7 @@ def _torch_fidelity_metrics(gen: torch.Tensor, real: torch.Tensor, **kwargs) -> 
         input1=F.UInt8ImageDataset(gen),
         input2=F.UInt8ImageDataset(real),
         cuda=False,
-        feature_extractor=F.FEATURE_EXTRACTOR_NAME,
+        feature_extractor=F.register_with_torch_fidelity(),  # importing F registers nothing
         feature_extractor_weights_path=str(F.find_inception_weights()),
         save_cpu_ram=True,  # no DataLoader worker processes
         cache=False,

@@ -267,6 +267,20 @@ def interp_ema_chunk_table_layout() -> None:
     assert ema_tr.ema_chunk_table(ema, params, 256) is table  # cached
 
 
+def interp_ema_custom_op_opcheck() -> None:
+    """``dpt_triton::ema_update_``: schema (it mutates the EMA tensors only), fake impl, AOT
+    dispatch with dynamic shapes; the op's results are the reference's bit for bit."""
+    ema_tr = importlib.import_module("dpt_engine.kernels.ema_triton")
+    ema, params = _ema_case(seed=2)
+    result = torch.library.opcheck(ema_tr._ema_update_op, ([e.clone() for e in ema], params, 0.99))
+    assert all(r == "SUCCESS" for r in result.values()), result
+    ref = [e.clone() for e in ema]
+    torch.ops.dpt_triton.ema_update_(ema, params, 0.99)
+    ema_update_reference_(ref, params, 0.99)
+    for i, (e, r) in enumerate(zip(ema, ref)):
+        assert_bit_exact(e, r, msg=f"tensor {i}")
+
+
 # ============================================================================ solver step (interpreter)
 def _toy_model(batch: int, seed: int = 0):
     """A deterministic stand-in for the denoiser: the doubled-batch eps (2B, C, H, W)."""
@@ -364,6 +378,61 @@ def interp_solver_validation() -> None:
         step_mod.solver_step(x, torch.zeros(2, 3), torch.zeros(3, 2, 3), table, -1, backend="reference")
     with pytest.raises(ValueError, match="multistep"):
         solver_step_table(DPMSolverPP(DiscreteVPSchedule(), steps=4, order=2, method="singlestep"), "cpu")
+
+
+@pytest.mark.parametrize("guidance_scale", [None, 0.4], ids=["plain", "guided"])
+def interp_solver_custom_op_opcheck(guidance_scale) -> None:
+    """``dpt_triton::dpm_solver_step_``: schema (it mutates history and out only), fake impl,
+    AOT dispatch with dynamic shapes."""
+    table = solver_step_table(DPMSolverPP(DiscreteVPSchedule(), steps=6, order=3), "cpu")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    eps = torch.randn(2 if guidance_scale is None else 4, 3, 4, 4, generator=g)  # (B | 2B, C, H, W)
+    hist = torch.randn(3, *x.shape, generator=g)  # (S, B, C, H, W)
+    args = (x, eps, hist, table.coef, table.step_index[2:], guidance_scale, torch.empty_like(x))
+    result = torch.library.opcheck(step_mod._solver_step_op, args)
+    assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def interp_solver_compile_fullgraph_traces_both_triton_ops() -> None:
+    """A step that calls the EMA and solver-step dispatch points with ``backend="triton"``
+    compiles with ``fullgraph=True`` (no graph break at the Triton launches), the two custom ops
+    are nodes of the one graph, and the compiled step reproduces the eager reference bit for bit
+    (outputs and the mutated EMA and history) over several steps without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    table = solver_step_table(DPMSolverPP(DiscreteVPSchedule(), steps=5, order=2), "cpu")
+
+    def step_fn(ema, params, x, eps, hist, step):
+        ema_update_(ema, params, 0.99, backend="triton")
+        return step_mod.solver_step(x, eps, hist, table, step, guidance_scale=0.4, backend="triton") * 2.0
+
+    def reference_step(ema, params, x, eps, hist, i):
+        ema_update_reference_(ema, params, 0.99)
+        return step_mod.solver_step_reference(x, eps, hist, table, i, guidance_scale=0.4) * 2.0
+
+    ema, params = _ema_case(seed=3)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    hist = torch.zeros(2, *x.shape)  # (S, B, C, H, W)
+    ref_ema, ref_x, ref_hist = [e.clone() for e in ema], x.clone(), hist.clone()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step_fn, backend=counter, fullgraph=True)
+    step = torch.zeros(1, dtype=torch.int64)
+    for i in range(3):
+        eps = torch.randn(4, *x.shape[1:], generator=g)  # (2B, C, H, W) = [cond; uncond]
+        x = compiled(ema, params, x, eps, hist, step)
+        ref_x = reference_step(ref_ema, params, ref_x, eps, ref_hist, i)
+        step.add_(1)
+        assert_bit_exact(x, ref_x, msg=f"x after step {i}")
+        assert_bit_exact(hist, ref_hist, msg=f"history after step {i}")
+        for j, (e, r) in enumerate(zip(ema, ref_ema)):
+            assert_bit_exact(e, r, msg=f"EMA tensor {j} after step {i}")
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+    targets = {str(n.target) for gm in counter.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    for op in ("dpt_triton.ema_update_.default", "dpt_triton.dpm_solver_step_.default"):
+        assert op in targets, f"{op} is not a node of the compiled graph: {sorted(targets)}"
 
 
 # ============================================================================ GPU (compiled kernels)

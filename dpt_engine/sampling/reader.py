@@ -22,6 +22,7 @@ import torch
 
 from ..data.base import ArrayImageDataset, DataError, ImageDataset
 from ..utils.io import read_json
+from ..utils.pixels import model_space_to_uint8
 from .formats import shard_records
 from .plan import CONFIG_FILE, ShardPlan
 from .runner import MANIFEST
@@ -51,7 +52,7 @@ class ShardDataset(ImageDataset):
     Args:
         root: the generation's output directory.
         decode: latents format only: float latents (B, c, h, w) -> uint8 images (B, C, H, W)
-            (e.g. the stage-2 autoencoder's decode followed by ``to_uint8``). Pixel-space
+            (e.g. the stage-2 autoencoder's decode followed by ``model_space_to_uint8``). Pixel-space
             latents (manifest ``latent_space: pixel``) need none.
         allow_incomplete: read the complete shards of an unfinished generation (else a missing
             ``manifest.json`` is an error).
@@ -146,12 +147,10 @@ class ShardDataset(ImageDataset):
         if self.decode is not None:
             return self.decode
         if self.latent_space == "pixel":
-            from ..generation import to_uint8
-
-            return to_uint8
+            return model_space_to_uint8
         raise DataError(
             f"{self.root} holds latents of an autoencoder: pass decode= (the stage-2 autoencoder's decode "
-            "followed by to_uint8) to read them as images"
+            "followed by dpt_engine.utils.pixels.model_space_to_uint8) to read them as images"
         )
 
     def latents(self, idx: Sequence[int]) -> torch.Tensor:

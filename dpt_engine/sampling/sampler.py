@@ -26,8 +26,9 @@ import torch
 
 from ..diffusion.guidance import cfg_eps_fn, doubled_eps_fn
 from ..diffusion.noise import initial_noise
-from ..generation import clip_denoised_fn, to_uint8
+from ..generation import clip_denoised_fn
 from ..kernels.solver_step import sample_multistep_fused, solver_step_table
+from ..utils.pixels import model_space_to_uint8
 
 __all__ = ["BatchSampler", "SectionTimer", "resolve_precision"]
 
@@ -191,7 +192,7 @@ class BatchSampler:
         with self.timer.section("decode"):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 img = x0 if self.decode is None else self.decode(x0)
-            return to_uint8(img)
+            return model_space_to_uint8(img)
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def _capture(self, batch: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..utils.pixels import uint8_to_unit as to_float  # the old name, kept importable
+
 __all__ = ["STRONG_OPS", "strong", "to_float", "weak"]
 
 STRONG_OPS: tuple[str, ...] = (
@@ -41,11 +43,6 @@ STRONG_OPS: tuple[str, ...] = (
 )
 _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 _FILL = 0.5  # gray fill for pixels moved in from outside and for Cutout (FixMatch uses 128/255)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, C, H, W)`` -> float32 in ``[0, 1]``."""
-    return images.float().div_(255.0)
 
 
 def _rand(gen: torch.Generator, *shape: int, device: torch.device) -> torch.Tensor:

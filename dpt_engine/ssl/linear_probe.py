@@ -36,7 +36,7 @@ from ..config.schema import ClassifierConfig
 from ..data.base import ImageDataset, iterate_batches
 from ..models.classifiers import TimmClassifier, create_classifier
 from ..utils.io import atomic_torch_save, atomic_write_json
-from .augment import to_float
+from ..utils.pixels import uint8_to_unit
 from .trainer import ClassifierData, FitResult, evaluate_top1
 
 __all__ = [
@@ -103,7 +103,7 @@ def extract_features(
     backbone = backbone.to(device).eval()
     out = []
     for images, _, _ in iterate_batches(dataset, indices, batch_size, num_workers=num_workers):
-        x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W)
+        x = uint8_to_unit(images.to(device, non_blocking=True))  # (B, C, H, W)
         out.append(probe_features(backbone, x).float().cpu())
     if not out:
         return torch.empty(0, 0)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,8 +56,10 @@ from torch import nn
 from ..config.schema import ClassifierConfig
 from ..data.base import DataError, ImageDataset, iterate_batches
 from ..models.classifiers import create_classifier
+from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
-from .augment import strong, to_float, weak
+from ..utils.pixels import uint8_to_unit as to_float
+from .augment import strong, weak
 
 __all__ = [
     "INTERRUPT_ENV",
@@ -72,7 +73,7 @@ __all__ = [
     "predict_proba",
 ]
 
-INTERRUPT_ENV = "DPT_TEST_INTERRUPT_AT_STEP"
+INTERRUPT_ENV = testhooks.INTERRUPT_AT_STEP_ENV
 _CKPT_VERSION = 1
 _MAX_DEVICE_STORE_BYTES = 2 << 30  # image stores up to 2 GiB live on the GPU
 _MAX_MATERIALISE_BYTES = 8 << 30  # folder datasets up to 8 GiB are read into memory once
@@ -483,7 +484,7 @@ def fit_classifier(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
-    interrupt_at = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
+    interrupt_at = testhooks.interrupt_at_step()
     fingerprint = _fingerprint(cfg, data, seed, init_state)
 
     # ---- data

@@ -27,10 +27,11 @@ from ..config.base import to_dict
 from ..data import DatasetSplits
 from ..diffusion.dpm_solver import DPMSolverPP
 from ..diffusion.schedules import make_schedule
-from ..generation import save_grid, to_uint8
+from ..generation import save_grid
 from ..sampling import BatchSampler, ShardDataset, ShardPlan, run_generation
 from ..utils.dist import dist_info, init_distributed
 from ..utils.io import atomic_write_json
+from ..utils.pixels import model_space_to_uint8
 from .common import StageContext, StageResult, run_stage
 from .stage2 import load_diffusion_model, load_stage2_autoencoder
 
@@ -139,7 +140,7 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             return summary  # rank 0 draws the grid, computes FID and finishes the stage
 
         def decode(z: torch.Tensor) -> torch.Tensor:
-            return to_uint8(ae.decode(z.to(ctx.device))).cpu()
+            return model_space_to_uint8(ae.decode(z.to(ctx.device))).cpu()
 
         ds = ShardDataset(out_dir, decode=None if pixel else decode)
         per_row = min(scfg.grid_per_class, scfg.images_per_class)

@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from ..config.base import ConfigError, to_dict
 from ..data import DatasetSplits
 from ..data.latent_store import MomentsView, encode_to_store
-from ..diffusion.trainer import DiffusionData, fit_diffusion, to_model_space
+from ..diffusion.trainer import DiffusionData, fit_diffusion
 from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
 from ..models.denoisers import create_denoiser
 from ..train.engine import setup_process_group
 from ..utils.io import atomic_write_json
+from ..utils.pixels import uint8_to_model_space
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
@@ -80,7 +81,7 @@ def encode_dataset(
     """uint8 (N, C, H, W) -> scaled posterior mean and std (N, c, h, w) each, on the CPU."""
     means, stds = [], []
     for s in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress):
-        x = to_model_space(images[s : s + batch_size]).to(device)
+        x = uint8_to_model_space(images[s : s + batch_size]).to(device)
         mean, logvar = ae.encode_moments(x)
         means.append(((mean - ae.shift_factor) * ae.scale_factor).float().cpu())
         stds.append((torch.exp(0.5 * logvar) * ae.scale_factor).float().cpu())
@@ -170,7 +171,7 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
         ae = loaded.pop("ae") if "ae" in loaded else load_stage2_autoencoder(ctx, splits)
         x_std = None
         if cfg.autoencoder is None:
-            x = to_model_space(splits.train.get_batch(torch.arange(len(splits.train))))  # (N, C, H, W)
+            x = uint8_to_model_space(splits.train.get_batch(torch.arange(len(splits.train))))  # (N, C, H, W)
         else:
             # every image (and its flip, as DPT does) encoded once into a memory-mapped latent store
             # (resumable; ranks encode disjoint chunks; unreadable images are skipped and recorded)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoints import CheckpointError
+from ..utils import testhooks
 from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_write_json, read_json
 from ..utils.trust import key_location, sign, signature_matches
@@ -180,7 +181,7 @@ class CheckpointManager:
         barrier()
         final = self.step_dir(step)
         if info.is_main:
-            _test_delay(step)
+            testhooks.save_delay(step)
             digests = _fsync_tree(tmp)
             atomic_write_json(
                 tmp / "meta.json",
@@ -270,16 +271,6 @@ class CheckpointManager:
                 "another machine, use that machine's key (DPT_CHECKPOINT_KEY or DPT_CHECKPOINT_KEY_FILE), "
                 f"otherwise {fix}"
             )
-
-
-def _test_delay(step: int) -> None:
-    """Test hook ``DPT_TEST_SAVE_DELAY=STEP:SECONDS``: pause the save of STEP after every rank's files
-    are written and before the rename, so a test can ``kill -9`` the process mid-save."""
-    spec = os.environ.get("DPT_TEST_SAVE_DELAY", "")
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
 
 
 def _files(root: Path) -> list[str]:
