@@ -38,10 +38,16 @@ import torch
 from PIL import Image
 
 from dpt_engine.data.imagefolder import class_dirnames
-from dpt_engine.diffusion import DPMSolverPP, initial_noise, make_schedule, two_forward_eps_fn
-from dpt_engine.generation import clip_denoised_fn, to_uint8
+from dpt_engine.diffusion import (
+    DPMSolverPP,
+    clip_denoised_fn,
+    initial_noise,
+    make_schedule,
+    two_forward_eps_fn,
+)
 from dpt_engine.models.uvit import create_uvit, list_uvits
 from dpt_engine.sampling import BatchSampler, ShardPlan, run_generation
+from dpt_engine.utils.pixels import model_space_to_uint8
 
 from .harness import (
     Row,
@@ -113,7 +119,7 @@ def _naive(
             x = initial_noise(0, y, idx, shape)
             fn = clip_denoised_fn(two_forward_eps_fn(net, y, args.scale, args.classes, schedule), schedule)
             with torch.no_grad():
-                imgs = to_uint8(solver.sample(fn, x))[: args.per_class - start]
+                imgs = model_space_to_uint8(solver.sample(fn, x))[: args.per_class - start]
             for k, img in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{c}_{start + k}.png")
     return {}

@@ -137,11 +137,6 @@ def test_bad_inputs_are_rejected() -> None:
         F.load_inception(backend="onnx")
 
 
-def test_images_to_uint8() -> None:
-    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
-    assert F.images_to_uint8(x).tolist() == [0, 0, 128, 255, 255]
-
-
 # ---------------------------------------------------------------------------------------------
 # metrics on features (no Inception)
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dpt_engine.data.latent_store import (
     sample_latents,
     shard_rows,
 )
-from dpt_engine.diffusion.trainer import to_model_space
+from dpt_engine.utils.pixels import uint8_to_model_space
 
 pytest.importorskip("diffusers")
 from dpt_engine.models.autoencoder import LatentAutoencoder
@@ -66,7 +66,7 @@ def test_round_trip_moments_and_flips(tmp_path: Path, ae: LatentAutoencoder) -> 
     raw = np.load(tmp_path / "s" / "latents.npy", mmap_mode="r")  # a plain .npy memory map
     assert raw.shape == (80, 2, 4, 4, 4) and raw.dtype == np.float32
     with torch.no_grad():
-        x = to_model_space(ds.images)
+        x = uint8_to_model_space(ds.images)
         mean, logvar = ae.encode_moments(x)
         fmean, flogvar = ae.encode_moments(x.flip(-1))
     torch.testing.assert_close(torch.from_numpy(raw[:40, 0].copy()), mean, rtol=1e-5, atol=1e-5)

@@ -10,13 +10,12 @@ The four old functions, copied here verbatim as the reference:
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
-from dpt_engine.diffusion import trainer as diffusion_trainer
-from dpt_engine.eval import fid
-from dpt_engine.generation import to_uint8
-from dpt_engine.ssl import augment
 from dpt_engine.utils.pixels import model_space_to_uint8, uint8_to_model_space, uint8_to_unit
 
 
@@ -48,7 +47,9 @@ def _model_space_floats() -> torch.Tensor:
     ties = (torch.arange(255, dtype=torch.float64) + 0.5) / 127.5 - 1.0
     special = torch.tensor([-1.0, 1.0, 0.0, -0.0, float("inf"), float("-inf"), 1.0 + 1e-7, -1.0 - 1e-7])
     rand = torch.rand(4097, generator=g, dtype=torch.float64) * 3.0 - 1.5
-    return torch.cat([ties, special.double(), rand]).reshape(-1, 1, 4, 1)  # (N, 1, 4, 1): 255 + 8 + 4097 values
+    return torch.cat([ties, special.double(), rand]).reshape(
+        -1, 1, 4, 1
+    )  # (N, 1, 4, 1): 255 + 8 + 4097 values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -94,9 +95,23 @@ def test_float_input_is_not_changed_in_place() -> None:
     assert torch.equal(x, before)
 
 
-def test_old_names_are_the_shared_functions() -> None:
-    """The names tests, benchmarks and stage 3 still import are the one implementation."""
-    assert to_uint8 is model_space_to_uint8
-    assert fid.images_to_uint8 is model_space_to_uint8
-    assert diffusion_trainer.to_model_space is uint8_to_model_space
-    assert augment.to_float is uint8_to_unit
+def test_clamps_and_rounds_at_the_ends() -> None:
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
+    assert model_space_to_uint8(x).tolist() == [0, 0, 128, 255, 255]
+
+
+_OLD_NAMES = {"to_uint8", "images_to_uint8", "to_model_space", "to_float"}
+
+
+def test_no_other_module_defines_a_pixel_conversion() -> None:
+    """The four old copies are gone: no module of the package defines (or re-exports under) an old
+    name; callers import ``dpt_engine.utils.pixels``."""
+    root = Path(__file__).resolve().parents[1] / "dpt_engine"
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef) and node.name in _OLD_NAMES:
+                found.append(f"{path.relative_to(root)}: def {node.name}")
+            if isinstance(node, ast.alias) and (node.asname or "") in _OLD_NAMES:
+                found.append(f"{path.relative_to(root)}: import ... as {node.asname}")
+    assert not found, found

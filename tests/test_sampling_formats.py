@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpt_engine.data import ArrayImageDataset, ConcatImageDataset, DatasetSplits, FolderImageDataset
 from dpt_engine.data.base import DataError
-from dpt_engine.generation import to_uint8
 from dpt_engine.sampling import ShardDataset, ShardPlan
 from dpt_engine.stages.stage3 import load_pseudo_images
+from dpt_engine.utils.pixels import model_space_to_uint8
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sampling_dist import CLASSES, generate, read_images, tiny_sampler
@@ -106,10 +106,10 @@ def test_autoencoder_latents_need_a_decoder(tmp_path: Path) -> None:
     generate(out, 16, fmt="latents", latent_space="autoencoder")
     with pytest.raises(DataError, match="pass decode="):
         ShardDataset(out)
-    ds = ShardDataset(out, decode=lambda z: to_uint8(-z))  # any latents -> uint8 decoder
+    ds = ShardDataset(out, decode=lambda z: model_space_to_uint8(-z))  # any latents -> uint8 decoder
     lat = ds.latents([0, 1, 59])
     assert lat.dtype == torch.float32 and lat.shape == (3, 1, 8, 8)
-    assert torch.equal(ds.get_batch([0, 1, 59]), to_uint8(-lat))
+    assert torch.equal(ds.get_batch([0, 1, 59]), model_space_to_uint8(-lat))
 
 
 class _SyncDetector(TorchDispatchMode):

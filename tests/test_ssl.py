@@ -22,8 +22,9 @@ from dpt_engine.ssl import (
     strong,
     weak,
 )
-from dpt_engine.ssl.augment import STRONG_OPS, to_float
+from dpt_engine.ssl.augment import STRONG_OPS
 from dpt_engine.ssl.trainer import INTERRUPT_ENV
+from dpt_engine.utils.pixels import uint8_to_unit
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_each_strong_op_runs_and_keeps_range():
 
 def test_to_float_range():
     x = torch.tensor([0, 128, 255], dtype=torch.uint8)
-    torch.testing.assert_close(to_float(x), torch.tensor([0.0, 128 / 255, 1.0]))
+    torch.testing.assert_close(uint8_to_unit(x), torch.tensor([0.0, 128 / 255, 1.0]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,13 @@ import torch
 
 from dpt_engine.config.presets import resolve_config
 from dpt_engine.config.schema import DiffusionConfig
-from dpt_engine.data import FolderImageDataset, build_splits
+from dpt_engine.data import build_splits
 from dpt_engine.data.latent_store import LatentStore
 from dpt_engine.diffusion.dpm_solver import DPMSolverPP
-from dpt_engine.diffusion.guidance import cfg_eps_fn
+from dpt_engine.diffusion.guidance import cfg_eps_fn, clip_denoised_fn
 from dpt_engine.diffusion.noise import initial_noise
 from dpt_engine.diffusion.schedules import make_schedule
 from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at, fit_diffusion
-from dpt_engine.generation import ImageFolderWriter, clip_denoised_fn, generate, to_uint8, work_list
 from dpt_engine.models.uvit import create_uvit
 from dpt_engine.pipeline import run_pipeline
 from dpt_engine.stages.common import StageContext
@@ -33,88 +31,6 @@ def _tiny_net(num_classes: int = 3) -> torch.nn.Module:
     return create_uvit(
         "uvit-tiny8", img_size=8, in_chans=1, num_classes=num_classes, embed_dim=32, depth=2, num_heads=2
     ).eval()
-
-
-def _sampler(net, steps: int = 4):
-    schedule = make_schedule("discrete-linear")
-    solver = DPMSolverPP(schedule, steps=steps, order=2)
-
-    @torch.no_grad()
-    def sample_batch(c: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        x = initial_noise(7, c, i, (1, 8, 8), dtype=torch.float32, device="cpu")
-        fn = clip_denoised_fn(cfg_eps_fn(net, c, 0.4, 3, schedule), schedule)
-        return to_uint8(solver.sample(fn, x))
-
-    return sample_batch
-
-
-def _read_tree(root: Path) -> dict[tuple[int, int], np.ndarray]:
-    ds = FolderImageDataset.from_tree(root, classes=CLASSES, channels=1, image_size=8)
-    out = {}
-    for k in range(len(ds)):
-        name = Path(ds.describe(k)).stem
-        c, i = (int(v) for v in name.split("_"))
-        assert c == int(ds.labels[k])
-        out[(c, i)] = ds[k][0].numpy().astype(np.int16)
-    return out
-
-
-def test_generation_independent_of_batch_size(tmp_path):
-    net = _tiny_net()
-    fn = _sampler(net)
-    results = {}
-    for bs in (12, 5, 60):
-        writer = ImageFolderWriter(tmp_path / f"bs{bs}", CLASSES)
-        stats = generate(fn, writer, num_classes=3, per_class=20, batch_size=bs, progress=False)
-        writer.close(stats)
-        results[bs] = _read_tree(tmp_path / f"bs{bs}")
-    keys = set(results[12])
-    assert keys == {(c, i) for c in range(3) for i in range(20)}
-    for bs in (5, 60):
-        assert set(results[bs]) == keys
-        worst = max(int(np.abs(results[bs][k] - results[12][k]).max()) for k in keys)
-        assert worst <= 1, f"batch size {bs}: images differ by {worst} uint8 levels"
-    # the initial noise of every (class, index) is bit-identical whatever the batch it is in
-    c, i = work_list(3, 20)
-    full = initial_noise(7, c, i, (1, 8, 8), torch.float32, "cpu")
-    perm = torch.randperm(60)
-    assert torch.equal(initial_noise(7, c[perm], i[perm], (1, 8, 8), torch.float32, "cpu"), full[perm])
-    # equal batch composition -> bit-identical images
-    again = ImageFolderWriter(tmp_path / "again", CLASSES)
-    generate(fn, again, num_classes=3, per_class=20, batch_size=12, progress=False)
-    again_imgs = _read_tree(tmp_path / "again")
-    assert all(np.array_equal(again_imgs[k], results[12][k]) for k in keys)
-
-
-def test_generation_resumes_without_duplicates(tmp_path):
-    net = _tiny_net()
-    fn = _sampler(net, steps=2)
-    root = tmp_path / "samples"
-    calls = {"n": 0}
-
-    def flaky(c, i):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return fn(c, i)
-
-    with pytest.raises(KeyboardInterrupt):
-        generate(
-            flaky, ImageFolderWriter(root, CLASSES), num_classes=3, per_class=10, batch_size=4, progress=False
-        )
-    assert len(_read_tree(root)) == 8
-    assert not list(root.rglob("*.tmp"))
-    writer = ImageFolderWriter(root, CLASSES)
-    stats = generate(fn, writer, num_classes=3, per_class=10, batch_size=4, progress=False)
-    writer.close(stats)
-    assert stats["skipped_existing"] == 8 and stats["generated"] == 22
-    imgs = _read_tree(root)
-    assert set(imgs) == {(c, i) for c in range(3) for i in range(10)}
-    # the resumed images equal a one-shot run
-    fresh = tmp_path / "fresh"
-    generate(fn, ImageFolderWriter(fresh, CLASSES), num_classes=3, per_class=10, batch_size=4, progress=False)
-    ref = _read_tree(fresh)
-    assert all(np.array_equal(imgs[k], ref[k]) for k in ref)
 
 
 def test_clip_denoised_keeps_data_prediction_in_range():
@@ -294,7 +210,7 @@ def test_fused_guided_sampling_matches_eager(order):
     net = _tiny_net()
     schedule = make_schedule("discrete-linear")
     solver = DPMSolverPP(schedule, steps=6, order=order)
-    c, i = work_list(3, 4)
+    c, i = torch.arange(3).repeat_interleave(4), torch.arange(4).repeat(3)  # every (class, index)
     x = initial_noise(1, c, i, (1, 8, 8), torch.float32, "cpu")
     with torch.no_grad():
         eager = solver.sample(cfg_eps_fn(net, c, 0.4, 3, schedule), x)

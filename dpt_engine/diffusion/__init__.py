@@ -2,7 +2,7 @@
 guidance wrappers and deterministic per-sample noise."""
 
 from dpt_engine.diffusion.dpm_solver import COEF_COLUMNS, DPMSolverPP, get_time_steps, singlestep_orders
-from dpt_engine.diffusion.guidance import cfg_combine, cfg_eps_fn, two_forward_eps_fn
+from dpt_engine.diffusion.guidance import cfg_combine, cfg_eps_fn, clip_denoised_fn, two_forward_eps_fn
 from dpt_engine.diffusion.noise import initial_noise, sample_seed
 from dpt_engine.diffusion.schedules import (
     SCHEDULE_NAMES,
@@ -22,6 +22,7 @@ __all__ = [
     "NoiseSchedule",
     "cfg_combine",
     "cfg_eps_fn",
+    "clip_denoised_fn",
     "get_time_steps",
     "initial_noise",
     "make_betas",

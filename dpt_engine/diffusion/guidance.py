@@ -24,7 +24,7 @@ from torch import nn
 
 from dpt_engine.diffusion.schedules import NoiseSchedule
 
-__all__ = ["cfg_combine", "cfg_eps_fn", "doubled_eps_fn", "two_forward_eps_fn"]
+__all__ = ["cfg_combine", "cfg_eps_fn", "clip_denoised_fn", "doubled_eps_fn", "two_forward_eps_fn"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,5 +96,27 @@ def doubled_eps_fn(net: nn.Module, y: torch.Tensor, null_class: int, schedule: N
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_net = schedule.network_time(t)
         return net(torch.cat([x, x]), torch.cat([t_net, t_net]), y2)  # (2B, C, H, W)
+
+    return fn
+
+
+def clip_denoised_fn(
+    model_fn: ModelFn, schedule: NoiseSchedule, lo: float = -1.0, hi: float = 1.0
+) -> Callable:
+    """Wrap ``model_fn(x, t) -> eps`` so the implied data prediction is clipped to [lo, hi].
+
+    ``x0 = (x - sigma_t eps) / alpha_t`` is clipped, and the matching ``eps = (x - alpha_t x0) /
+    sigma_t`` is returned: DPM-Solver++ (a data-prediction solver) then integrates with the
+    clipped ``x0`` -- the static thresholding of Lu et al. 2022 for pixel-space models, which
+    keeps a guided solve inside the data range. Tensor ops only (no host syncs).
+    """
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = model_fn(x, t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        alpha = schedule.marginal_alpha(t).to(x.dtype).reshape(shape)
+        sigma = schedule.marginal_std(t).to(x.dtype).reshape(shape)
+        x0 = ((x - sigma * eps) / alpha).clamp(lo, hi)
+        return (x - alpha * x0) / sigma
 
     return fn

@@ -39,12 +39,11 @@ from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom
 from ..utils import testhooks
 from ..utils.dist import barrier
 from ..utils.io import atomic_torch_save
-from ..utils.pixels import uint8_to_model_space as to_model_space  # the old name, kept importable
 from .schedules import make_schedule
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["DiffusionData", "DiffusionFit", "ema_decay_at", "fit_diffusion", "to_model_space"]
+__all__ = ["DiffusionData", "DiffusionFit", "ema_decay_at", "fit_diffusion"]
 
 
 @dataclass

@@ -64,7 +64,6 @@ except ImportError as _e:  # pragma: no cover - torch-fidelity is part of the [d
 from ..models.checkpoints import read_state_dict
 from ..models.torchscript_tensors import is_torchscript_archive, read_torchscript_state_dict
 from ..utils.io import atomic_save_npz
-from ..utils.pixels import model_space_to_uint8 as images_to_uint8  # the old name, kept importable
 
 __all__ = [
     "FEATURE_DIM",
@@ -82,7 +81,6 @@ __all__ = [
     "find_inception_weights",
     "frechet_distance",
     "frechet_distance_fast",
-    "images_to_uint8",
     "kernel_inception_distance",
     "load_inception",
     "precision_recall",

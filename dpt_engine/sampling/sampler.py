@@ -24,9 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..diffusion.guidance import cfg_eps_fn, doubled_eps_fn
+from ..diffusion.guidance import cfg_eps_fn, clip_denoised_fn, doubled_eps_fn
 from ..diffusion.noise import initial_noise
-from ..generation import clip_denoised_fn
 from ..kernels.solver_step import sample_multistep_fused, solver_step_table
 from ..utils.pixels import model_space_to_uint8
 

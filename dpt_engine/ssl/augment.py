@@ -22,9 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..utils.pixels import uint8_to_unit as to_float  # the old name, kept importable
-
-__all__ = ["STRONG_OPS", "strong", "to_float", "weak"]
+__all__ = ["STRONG_OPS", "strong", "weak"]
 
 STRONG_OPS: tuple[str, ...] = (
     "identity",

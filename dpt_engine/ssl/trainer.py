@@ -58,7 +58,7 @@ from ..data.base import DataError, ImageDataset, iterate_batches
 from ..models.classifiers import create_classifier
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
-from ..utils.pixels import uint8_to_unit as to_float
+from ..utils.pixels import uint8_to_unit
 from .augment import strong, weak
 
 __all__ = [
@@ -339,7 +339,7 @@ def predict_proba(
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     out = []
     for images, _, _ in iterate_batches(dataset, idx, batch_size, num_workers=num_workers):
-        x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W) in [0, 1]
+        x = uint8_to_unit(images.to(device, non_blocking=True))  # (B, C, H, W) in [0, 1]
         out.append(model(x).float().softmax(dim=1).cpu())
     if not out:
         return torch.empty(0, 0)
@@ -577,12 +577,12 @@ def fit_classifier(
 
         # ---- batch: sampling and augmentation, all from `gen`
         pos_l = sampler_l.next(b_l, gen)  # (B_l,)
-        x_l = weak(to_float(store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
+        x_l = weak(uint8_to_unit(store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
         y_l = labels_l[pos_l.to(device)]
         w_l = None if weights_l is None else weights_l[pos_l.to(device)]
         if semi:
             pos_u = sampler_u.next(b_u, gen)  # (B_u,)
-            u = to_float(store_u.get(pos_u))
+            u = uint8_to_unit(store_u.get(pos_u))
             x = torch.cat([x_l, weak(u, gen, cfg.hflip), strong(u, gen, cfg.hflip)])  # (B_l + 2 B_u, C, H, W)
         else:
             x = x_l

@@ -27,8 +27,8 @@ from ..config.base import to_dict
 from ..data import DatasetSplits
 from ..diffusion.dpm_solver import DPMSolverPP
 from ..diffusion.schedules import make_schedule
-from ..generation import save_grid
 from ..sampling import BatchSampler, ShardDataset, ShardPlan, run_generation
+from ..sampling.grid import save_grid
 from ..utils.dist import dist_info, init_distributed
 from ..utils.io import atomic_write_json
 from ..utils.pixels import model_space_to_uint8

@@ -99,14 +99,14 @@ def _latent_decoder(
     cfg = read_json(pseudo_dir / CONFIG_FILE).get("config", {})
     if cfg.get("format") != "latents" or cfg.get("latent_space") != "autoencoder":
         return None
-    from ..generation import to_uint8
+    from ..utils.pixels import model_space_to_uint8
     from .stage2 import load_stage2_autoencoder
 
     ae = load_stage2_autoencoder(ctx, splits)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return to_uint8(ae.decode(z.to(ctx.device))).cpu()
+            return model_space_to_uint8(ae.decode(z.to(ctx.device))).cpu()
 
     return decode
 
