@@ -14,8 +14,8 @@ from dpt_engine.models.autoencoder import (
     AutoencoderNotFoundError,
     IdentityAutoencoder,
     LatentAutoencoder,
-    load_autoencoder,
 )
+from dpt_engine.models.autoencoder_loader import load_autoencoder
 from dpt_engine.models.checkpoints import CheckpointError
 
 

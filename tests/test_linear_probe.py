@@ -9,7 +9,7 @@ import torch
 from dpt_engine.config.schema import ClassifierConfig
 from dpt_engine.data.base import ArrayImageDataset
 from dpt_engine.models.classifiers import create_classifier
-from dpt_engine.ssl import ClassifierData, extract_features, fit_classifier, predict_proba
+from dpt_engine.ssl import ClassifierData, extract_features, predict_proba
 from dpt_engine.ssl.linear_probe import (
     LinearProbeClassifier,
     LogisticRegressionL2,
@@ -143,7 +143,7 @@ def test_fit_linear_probe_on_pixels(digits, tmp_path):
     )
     cfg = ClassifierConfig(learner="linear-probe", backbone="pixels", probe_l2=1e-3)
     data = ClassifierData(train, lab, train, np.arange(len(train)), test, 10)
-    res = fit_classifier(cfg, data, tmp_path, torch.device("cpu"), seed=0, progress=False)  # dispatches
+    res = fit_linear_probe(cfg, data, tmp_path, torch.device("cpu"), seed=0, progress=False)
     assert isinstance(res.model, LinearProbeClassifier)
     assert res.test_top1 is not None and res.test_top1 > 60.0
     assert res.history[0]["converged"] and res.resumed_from == 0

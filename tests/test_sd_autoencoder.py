@@ -18,7 +18,8 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from dpt_engine.models.autoencoder import DEFAULT_SCALE_FACTOR, LatentAutoencoder, load_autoencoder
+from dpt_engine.models.autoencoder import DEFAULT_SCALE_FACTOR, LatentAutoencoder
+from dpt_engine.models.autoencoder_loader import load_autoencoder
 from dpt_engine.models.checkpoints import CheckpointError
 from dpt_engine.models.sd_autoencoder import (
     export_ldm_autoencoder,

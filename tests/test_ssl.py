@@ -329,7 +329,7 @@ def test_bf16_classifier_training_learns_and_differs_from_fp32(digits, tmp_path)
 
 
 def test_classifier_precision_auto_keeps_old_fingerprints():
-    from dpt_engine.stages.stage1 import classifier_fingerprint
+    from dpt_engine.stages.classifier_stage import classifier_fingerprint
 
     assert "precision" not in classifier_fingerprint(ClassifierConfig())
     assert classifier_fingerprint(ClassifierConfig(precision="bf16"))["precision"] == "bf16"

@@ -71,7 +71,7 @@ def diagnose_run(run_dir: Path, oracle: torch.nn.Module) -> dict[str, Any]:
     from dpt_engine.config.presets import resolve_config
     from dpt_engine.data import build_splits
     from dpt_engine.ssl.trainer import predict_proba
-    from dpt_engine.stages.stage1 import load_classifier
+    from dpt_engine.stages.artifacts import load_classifier
     from dpt_engine.stages.stage3 import load_pseudo_images
 
     cfg = resolve_config(config_file=str(run_dir / "config.yaml"))

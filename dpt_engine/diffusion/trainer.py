@@ -24,7 +24,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config.schema import DiffusionConfig
 from ..models.denoisers import denoiser_flops
-from ..train.batch import draw_global_batch, micro_batches, micro_loss, min_snr_weight
+from ..train.batch import DiffusionData, draw_global_batch, micro_batches, micro_loss, min_snr_weight
 from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
@@ -44,17 +43,6 @@ from .schedules import make_schedule
 log = logging.getLogger("dpt_engine")
 
 __all__ = ["DiffusionData", "DiffusionFit", "ema_decay_at", "fit_diffusion"]
-
-
-@dataclass
-class DiffusionData:
-    """Training images as the model sees them (pixels in [-1, 1] or scaled latents)."""
-
-    x: torch.Tensor  # (N, C, H, W) float32 (latent space: the scaled posterior mean)
-    y: torch.Tensor  # (N,) int64 class (ignored when num_classes == 0)
-    weight: Optional[torch.Tensor]  # (N,) float32 per-image loss weight, or None
-    num_classes: int  # 0 = unconditional
-    x_std: Optional[torch.Tensor] = None  # (N, C, H, W) latent posterior std (scaled): x0 ~ N(x, x_std^2)
 
 
 @dataclass

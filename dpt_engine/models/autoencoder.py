@@ -11,7 +11,7 @@ can store the moments once and draw a fresh latent per epoch with :meth:`sample`
 
 :class:`LatentAutoencoder` wraps a diffusers ``AutoencoderKL``; :class:`IdentityAutoencoder` has the
 same interface with no compression, so pixel-space and latent-space stage-2 code are the same code.
-Use :func:`load_autoencoder` to build either from a config string (a diffusers directory, or the
+:func:`dpt_engine.models.autoencoder_loader.load_autoencoder` builds either from a config string (a diffusers directory, or the
 original ldm-format ``autoencoder_kl.pth`` of U-ViT / DPT through ``models/sd_autoencoder.py``). diffusers is imported lazily (it
 belongs to the ``[diffusion]`` extra).
 """
@@ -39,7 +39,7 @@ __all__ = [
     "BaseAutoencoder",
     "IdentityAutoencoder",
     "LatentAutoencoder",
-    "load_autoencoder",
+    "import_autoencoder_kl",
 ]
 
 DEFAULT_SCALE_FACTOR = 0.18215  # Stable Diffusion's KL-f8 autoencoder
@@ -64,7 +64,7 @@ class AutoencoderNotFoundError(FileNotFoundError):
     """An autoencoder spec names a path that does not exist or holds no diffusers model."""
 
 
-def _import_autoencoder_kl() -> type[AutoencoderKL]:
+def import_autoencoder_kl() -> type[AutoencoderKL]:
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - diffusers is part of the [diffusion] extra
@@ -201,7 +201,7 @@ class LatentAutoencoder(BaseAutoencoder):
                 raise AutoencoderNotFoundError(
                     f"{p} has no config.json (nor vae/config.json): not a diffusers AutoencoderKL directory"
                 )
-        autoencoder_kl = _import_autoencoder_kl()
+        autoencoder_kl = import_autoencoder_kl()
         kwargs: dict[str, Any] = {"local_files_only": True}
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
@@ -225,7 +225,7 @@ class LatentAutoencoder(BaseAutoencoder):
             cfg["down_block_types"] = ("DownEncoderBlock2D",) * n_blocks
         if "up_block_types" not in config:
             cfg["up_block_types"] = ("UpDecoderBlock2D",) * n_blocks
-        vae = _import_autoencoder_kl()(**cfg)
+        vae = import_autoencoder_kl()(**cfg)
         return cls(vae, scale_factor=scale_factor, freeze=freeze)
 
     # -- interface -------------------------------------------------------------------------------
@@ -272,30 +272,3 @@ class IdentityAutoencoder(BaseAutoencoder):
 
     def _decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         return z
-
-
-def load_autoencoder(spec: str | os.PathLike, **kwargs: Any) -> BaseAutoencoder:
-    """Build the stage-2 autoencoder named by a config string.
-
-    ``"identity"`` / ``"none"`` / ``"pixel"`` -> :class:`IdentityAutoencoder`; a directory ->
-    :meth:`LatentAutoencoder.from_pretrained_dir`; a file -> the Stable Diffusion KL autoencoder in
-    the original ldm format used by U-ViT / DPT (``autoencoder_kl.pth``, ``autoencoder_kl_ema.pth``,
-    ``.safetensors`` or a full SD ``.ckpt``; :func:`~dpt_engine.models.sd_autoencoder.load_ldm_autoencoder`).
-    ``kwargs`` (``scale_factor``, ``torch_dtype``, ``freeze``) are passed on. Anything else is an
-    error naming the path.
-    """
-    s = str(spec)
-    if s.lower() in IDENTITY_SPECS:
-        return IdentityAutoencoder()
-    p = Path(s).expanduser()
-    if p.is_dir():
-        return LatentAutoencoder.from_pretrained_dir(p, **kwargs)
-    if p.is_file():
-        from .sd_autoencoder import load_ldm_autoencoder
-
-        return load_ldm_autoencoder(p, **kwargs)
-    raise AutoencoderNotFoundError(
-        f"autoencoder not found: {s!r} does not exist. Pass the original Stable Diffusion KL autoencoder "
-        "file (e.g. assets/stable-diffusion/autoencoder_kl_ema.pth), a local diffusers AutoencoderKL "
-        f"directory (config.json + weights) or one of {IDENTITY_SPECS} for pixel space"
-    )

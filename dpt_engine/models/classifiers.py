@@ -21,12 +21,15 @@ Names (``list_classifiers()`` gives the built-in ones):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import msn
+from .timm_classifier import InputNorm, TimmClassifier, create_timm_classifier
 
 __all__ = [
     "CNNSmall",
@@ -36,26 +39,6 @@ __all__ = [
     "create_classifier",
     "list_classifiers",
 ]
-
-
-class InputNorm(nn.Module):
-    """``(x - mean) / std`` per channel; constants (non-persistent buffers, not in state dicts)."""
-
-    def __init__(
-        self, channels: int, mean: Sequence[float] | float = 0.5, std: Sequence[float] | float = 0.5
-    ):
-        super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
-        self.register_buffer(
-            "mean", mean_t.expand(channels).reshape(1, channels, 1, 1).clone(), persistent=False
-        )
-        self.register_buffer(
-            "std", std_t.expand(channels).reshape(1, channels, 1, 1).clone(), persistent=False
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,60 +187,6 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------------------------
-# timm
-# --------------------------------------------------------------------------------------------
-
-
-class TimmClassifier(nn.Module):
-    """A timm model behind the registry contract; the timm model itself is ``self.model``.
-
-    ``forward_features`` is timm's ``forward_head(forward_features(x), pre_logits=True)``
-    (pooled, ``(B, F)``); ``head`` is ``model.get_classifier()``. Inputs are normalised with the
-    model's ``pretrained_cfg`` mean/std when it has one per input channel, else 0.5 / 0.5.
-    State-dict keys carry a ``model.`` prefix; load raw timm checkpoints into ``self.model``.
-    """
-
-    def __init__(self, model: nn.Module, in_chans: int):
-        super().__init__()
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean", 0.5), cfg.get("std", 0.5)
-        if len(torch.as_tensor(mean).flatten()) != in_chans:
-            mean, std = 0.5, 0.5
-        self.norm = InputNorm(in_chans, mean, std)
-        self.model = model
-        self.num_features = int(getattr(model, "num_features", 0))
-
-    @property
-    def head(self) -> nn.Module:
-        return self.model.get_classifier()
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's unpooled ``forward_features`` (``(B, N, D)`` for ViTs, ``(B, C, h, w)`` for CNNs)."""
-        return self.model.forward_features(self.norm(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.forward_tokens(x), pre_logits=True)  # (B, F)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.norm(x))
-
-
-def _create_timm(name: str, num_classes: int, in_chans: int, image_size: int, **kwargs: Any) -> nn.Module:
-    import timm
-
-    if name not in timm.list_models():
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
-    base = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    try:
-        model = timm.create_model(name, img_size=image_size, **base)
-    except TypeError as e:  # the architecture takes no img_size (CNNs): build it without
-        if "img_size" not in str(e):
-            raise
-        model = timm.create_model(name, **base)
-    return TimmClassifier(model, in_chans)
-
-
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": lambda num_classes, in_chans, image_size, **kw: CNNSmall(
         num_classes, in_chans, image_size, **kw
@@ -287,11 +216,9 @@ def create_classifier(
     if num_classes < 1 or in_chans < 1 or image_size < 1:
         raise ValueError(f"bad classifier shape: {num_classes=} {in_chans=} {image_size=}")
     if name.startswith("timm:"):
-        return _create_timm(name[len("timm:") :], num_classes, in_chans, image_size, **kwargs)
+        return create_timm_classifier(name[len("timm:") :], num_classes, in_chans, image_size, **kwargs)
     if name.startswith("msn:"):  # MSN ViT encoders (DPT's ImageNet stage 1), models/msn.py
-        from .msn import create_msn_classifier
-
-        return create_msn_classifier(name[len("msn:") :], num_classes, in_chans, image_size, **kwargs)
+        return msn.create_msn_classifier(name[len("msn:") :], num_classes, in_chans, image_size, **kwargs)
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown classifier {name!r}; valid: {', '.join(list_classifiers())}, timm:<model>, "

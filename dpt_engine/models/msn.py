@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import read_state_dict, verify_state_dict
-from .classifiers import TimmClassifier
+from .timm_classifier import TimmClassifier
 
 log = logging.getLogger("dpt_engine")
 

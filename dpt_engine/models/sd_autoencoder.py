@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .autoencoder import DEFAULT_SCALE_FACTOR, LatentAutoencoder, _import_autoencoder_kl
+from .autoencoder import DEFAULT_SCALE_FACTOR, LatentAutoencoder, import_autoencoder_kl
 from .checkpoints import CheckpointError, read_state_dict, save_state_dict, verify_state_dict
 
 log = logging.getLogger("dpt_engine")
@@ -272,7 +272,7 @@ def load_ldm_autoencoder(
     cfg = infer_ldm_config(state, path)
     cfg["scaling_factor"] = float(scale_factor if scale_factor is not None else DEFAULT_SCALE_FACTOR)
     cfg["sample_size"] = sample_size
-    vae = _import_autoencoder_kl()(**cfg)
+    vae = import_autoencoder_kl()(**cfg)
     converted = ldm_to_diffusers_state_dict(state)
     levels = len(cfg["block_out_channels"])
     verify_state_dict(

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..config.schema import ClassifierConfig
 from ..data.base import ImageDataset, iterate_batches
-from ..models.classifiers import TimmClassifier, create_classifier
+from ..models.classifiers import create_classifier
+from ..models.timm_classifier import TimmClassifier
 from ..utils.io import atomic_torch_save, atomic_write_json
 from ..utils.pixels import uint8_to_unit
 from .trainer import ClassifierData, FitResult, evaluate_top1

@@ -12,7 +12,8 @@ Learners (``cfg.learner``):
   (:func:`freematch_fairness_loss`).
 * ``supervised`` -- weighted CE on weakly augmented labeled images only.
 
-``linear-probe`` is dispatched to :func:`dpt_engine.ssl.linear_probe.fit_linear_probe`.
+``linear-probe`` (DPT's ImageNet recipe) is fit by :func:`dpt_engine.ssl.linear_probe.fit_linear_probe`;
+the classifier stages choose between the two.
 
 Common machinery (FixMatch's recipe): one forward over ``cat(labeled weak, unlabeled weak,
 unlabeled strong)`` so BatchNorm sees the whole batch; SGD with (Nesterov) momentum and weight
@@ -469,13 +470,10 @@ def fit_classifier(
     (EMA state dict) and ``history.json`` into ``work_dir``. Returns the EMA model in eval mode.
     Raises ``ValueError`` if an existing checkpoint was written by a different configuration.
     """
-    if cfg.learner == "linear-probe":
-        from .linear_probe import fit_linear_probe
-
-        return fit_linear_probe(cfg, data, work_dir, device, seed, progress=progress)
     if cfg.learner not in ("fixmatch", "freematch", "supervised"):
         raise ValueError(
-            f"unknown learner {cfg.learner!r}; valid: freematch, fixmatch, supervised, linear-probe"
+            f"unknown learner {cfg.learner!r} for fit_classifier; valid: freematch, fixmatch, supervised "
+            "(linear-probe is fit by dpt_engine.ssl.linear_probe.fit_linear_probe)"
         )
     cfg.validate()
     semi = cfg.learner != "supervised"

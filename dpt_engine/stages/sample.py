@@ -32,8 +32,8 @@ from ..sampling.grid import save_grid
 from ..utils.dist import dist_info, init_distributed
 from ..utils.io import atomic_write_json
 from ..utils.pixels import model_space_to_uint8
+from .artifacts import load_diffusion_model, load_stage2_autoencoder
 from .common import StageContext, StageResult, run_stage
-from .stage2 import load_diffusion_model, load_stage2_autoencoder
 
 log = logging.getLogger("dpt_engine")
 

@@ -12,46 +12,21 @@ Artifacts in ``<out>/stage1/``:
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config.base import to_dict
-from ..config.schema import ClassifierConfig
 from ..data import DatasetSplits, build_splits, write_index_file
-from ..ssl import ClassifierData, FitResult, fit_classifier, fit_linear_probe, predict_proba
+from ..ssl import ClassifierData, predict_proba
 from ..utils.io import atomic_save_npz, atomic_write_json, atomic_write_text
+from .classifier_stage import check_classifier, classifier_fingerprint, fit_learner, save_test_predictions
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["fit_learner", "load_classifier", "pseudo_label_summary", "run_stage1", "stage1_fingerprint"]
-
-# Keys that change how often we log or checkpoint, not what is computed.
-# The stage-3-only keys enter stage 3's fingerprint on their own.
-_NON_SEMANTIC = (
-    "eval_every",
-    "checkpoint_every",
-    "pseudo_dir",
-    "keep_unlabeled",
-    "pseudo_weight",
-    "pseudo_weighting",
-    "init_from_stage1",
-)
-
-
-def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
-    d = to_dict(cfg)
-    for k in _NON_SEMANTIC:
-        d.pop(k, None)
-    if (
-        d.get("precision") == "auto"
-    ):  # the behaviour before the field existed: old runs keep their fingerprint
-        d.pop("precision")
-    return d
+__all__ = ["pseudo_label_summary", "run_stage1", "stage1_fingerprint"]
 
 
 def stage1_fingerprint(ctx: StageContext) -> dict[str, Any]:
@@ -60,79 +35,6 @@ def stage1_fingerprint(ctx: StageContext) -> dict[str, Any]:
         "stage1": classifier_fingerprint(ctx.cfg.stage1),
         "seed": ctx.cfg.run.seed,
     }
-
-
-def fit_learner(
-    cfg: ClassifierConfig,
-    data: ClassifierData,
-    work_dir: Path,
-    ctx: StageContext,
-    seed: int,
-    init_state: dict | None = None,
-) -> FitResult:
-    """Dispatch to the configured learner (semi-supervised, supervised or linear probe)."""
-    if cfg.learner == "linear-probe":
-        return fit_linear_probe(cfg, data, work_dir, ctx.device, seed)
-    if cfg.learner in ("freematch", "fixmatch") and data.unlabeled is None:
-        cfg = replace(cfg, learner="supervised")
-    return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress, init_state=init_state)
-
-
-def load_classifier(
-    cfg: ClassifierConfig,
-    work_dir: Path,
-    num_classes: int,
-    channels: int,
-    image_size: int,
-    seed: int,
-    device: torch.device,
-) -> torch.nn.Module:
-    """Rebuild the classifier a stage saved in ``work_dir/model.pt`` (EMA weights), in eval mode."""
-    from ..models.classifiers import create_classifier
-    from ..ssl.linear_probe import LinearProbeClassifier, build_probe_backbone
-
-    path = work_dir / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained classifier at {path}: run that stage first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if cfg.learner == "linear-probe":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # a randomly initialised backbone is rebuilt identically
-            backbone = build_probe_backbone(
-                cfg.backbone, num_classes, channels, image_size, cfg.probe_checkpoint
-            )
-        model = LinearProbeClassifier(backbone, state["center"], state["head.weight"])
-    else:
-        model = create_classifier(cfg.backbone, num_classes, channels, image_size)
-        model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None:
-    """Build the stage's classifier for the dataset once (and read a linear probe's backbone
-    weights) before the run directory is touched: a backbone that does not fit the images, or
-    unusable weights, fail here with the setting to change."""
-    from ..config.base import ConfigError
-    from ..models.checkpoints import CheckpointError
-    from ..models.classifiers import create_classifier
-    from ..ssl.linear_probe import build_probe_backbone
-
-    try:
-        with torch.random.fork_rng(devices=[]):
-            if cfg.learner == "linear-probe":
-                build_probe_backbone(
-                    cfg.backbone, sp.num_classes, sp.channels, sp.image_size, cfg.probe_checkpoint
-                )
-            else:
-                create_classifier(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
-    except CheckpointError:
-        raise
-    except (ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(
-            f"{key}.backbone={cfg.backbone!r} cannot be built for {sp.channels}-channel {sp.image_size}px images "
-            f"({first}); choose another {key}.backbone (or set data.image_size)"
-        ) from None
 
 
 def pseudo_label_summary(pred: np.ndarray, conf: np.ndarray, true: np.ndarray, classes: list[str]) -> dict:
@@ -184,21 +86,6 @@ def _write_pseudo_labels(stage_dir: Path, splits: DatasetSplits, probs: torch.Te
         )
     atomic_write_text(stage_dir / "pseudo_labels.tsv", "\n".join(lines) + "\n")
     return pseudo_label_summary(pred, conf, true, splits.classes)
-
-
-def save_test_predictions(
-    stage_dir: Path, model: Any, sp: DatasetSplits, ctx: StageContext, batch: int
-) -> None:
-    """Each evaluation image's predicted class (``test_predictions.npz``: ``pred``, ``label``), so
-    stage 3 can tell its gain over stage 1 from noise (``eval/paired.py``)."""
-    probs = predict_proba(
-        model, sp.test, None, batch_size=batch, device=ctx.device, num_workers=ctx.cfg.run.num_workers
-    )
-    atomic_save_npz(
-        stage_dir / "test_predictions.npz",
-        pred=probs.argmax(dim=1).numpy().astype(np.int32),
-        label=sp.test.labels.numpy().astype(np.int32),
-    )
 
 
 def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageResult:

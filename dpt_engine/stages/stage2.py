@@ -21,57 +21,16 @@ from ..config.base import ConfigError, to_dict
 from ..data import DatasetSplits
 from ..data.latent_store import MomentsView, encode_to_store
 from ..diffusion.trainer import DiffusionData, fit_diffusion
-from ..models.autoencoder import BaseAutoencoder, IdentityAutoencoder, load_autoencoder
-from ..models.denoisers import create_denoiser
+from ..models.autoencoder import BaseAutoencoder
 from ..train.engine import setup_process_group
 from ..utils.io import atomic_write_json
 from ..utils.pixels import uint8_to_model_space
+from .artifacts import build_uvit, load_stage2_autoencoder
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = [
-    "build_uvit",
-    "encode_dataset",
-    "load_diffusion_model",
-    "load_stage2_autoencoder",
-    "run_stage2",
-]
-
-
-def load_stage2_autoencoder(ctx: StageContext, splits: DatasetSplits) -> BaseAutoencoder:
-    """The autoencoder of ``stage2.autoencoder`` (identity = pixel space), checked against the data."""
-    spec = ctx.cfg.stage2.autoencoder
-    ae = IdentityAutoencoder() if spec is None else load_autoencoder(spec)
-    if spec is not None:
-        ae = ae.to(ctx.device).eval()
-        probe = torch.zeros(1, splits.channels, splits.image_size, splits.image_size, device=ctx.device)
-        try:
-            with torch.no_grad():
-                out = ae.decode(ae.encode(probe, sample=False))
-        except RuntimeError as e:
-            raise ConfigError(
-                f"stage2.autoencoder={spec} does not accept {splits.channels}-channel "
-                f"{splits.image_size}px images: {e}"
-            ) from None
-        if tuple(out.shape[1:]) != tuple(probe.shape[1:]):
-            raise ConfigError(
-                f"stage2.autoencoder={spec} maps {tuple(probe.shape[1:])} images to {tuple(out.shape[1:])}; "
-                "it must reproduce the dataset's channels and size"
-            )
-    return ae
-
-
-def build_uvit(
-    ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
-) -> torch.nn.Module:
-    """The stage-2 denoiser (``stage2.model``: a U-ViT or U-Net preset) for the data's (latent)
-    shape and class count."""
-    cfg = ctx.cfg.stage2
-    ae = ae if ae is not None else load_stage2_autoencoder(ctx, splits)
-    c, h, _ = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
-    num_classes = 0 if cfg.label_source == "none" else splits.num_classes
-    return create_denoiser(cfg.model, img_size=h, in_chans=c, num_classes=num_classes)
+__all__ = ["encode_dataset", "run_stage2"]
 
 
 @torch.no_grad()
@@ -235,29 +194,3 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
         return summary
 
     return run_stage(ctx, "stage2", fingerprint, body, distributed=True, precheck=precheck)
-
-
-def load_diffusion_model(
-    ctx: StageContext, splits: DatasetSplits, ae: BaseAutoencoder | None = None
-) -> torch.nn.Module:
-    """The U-ViT to sample from, in eval mode on ``ctx.device``.
-
-    With ``sample.checkpoint`` set, the weights come from that file (an original U-ViT / DPT
-    ``nnet_ema.pth``, our ``stage2/model.pt``, or an exported ``.safetensors``) and stage 2 need
-    not have run; otherwise from stage 2's EMA weights. The network is built from ``stage2.model``
-    and the data's (latent) shape and class count; keys and shapes are verified before copying.
-    """
-    from ..models.checkpoints import load_uvit_checkpoint
-
-    net = build_uvit(ctx, splits, ae)
-    external = ctx.cfg.sample.checkpoint
-    path = Path(external).expanduser() if external else ctx.stage_dir("stage2") / "model.pt"
-    if not external and not path.is_file():
-        raise FileNotFoundError(
-            f"no stage-2 model at {path}: run `dpt stage2` first, or sample from existing weights with "
-            "`dpt sample --checkpoint PATH` (e.g. a released U-ViT nnet_ema.pth; sample.checkpoint=PATH)"
-        )
-    load_uvit_checkpoint(net, path)  # model.pt holds {"ema": ..., "step": ...}: the EMA weights are read
-    if external:
-        log.info("sample: U-ViT weights from %s (%s)", path, ctx.cfg.stage2.model)
-    return net.to(ctx.device).eval()

@@ -23,14 +23,9 @@ from ..eval.paired import paired_gain
 from ..sampling import ShardDataset, is_shard_dir
 from ..ssl import ClassifierData
 from ..utils.io import atomic_write_json, read_json
+from .artifacts import load_classifier
+from .classifier_stage import check_classifier, classifier_fingerprint, fit_learner, save_test_predictions
 from .common import StageContext, StageResult, data_fingerprint, run_stage
-from .stage1 import (
-    check_classifier,
-    classifier_fingerprint,
-    fit_learner,
-    load_classifier,
-    save_test_predictions,
-)
 
 log = logging.getLogger("dpt_engine")
 
@@ -100,7 +95,7 @@ def _latent_decoder(
     if cfg.get("format") != "latents" or cfg.get("latent_space") != "autoencoder":
         return None
     from ..utils.pixels import model_space_to_uint8
-    from .stage2 import load_stage2_autoencoder
+    from .artifacts import load_stage2_autoencoder
 
     ae = load_stage2_autoencoder(ctx, splits)
 

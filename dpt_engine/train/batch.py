@@ -15,15 +15,13 @@ flips, times, noise, label drops), so the single-process path is bit-identical t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ..diffusion.trainer import DiffusionData
-
 __all__ = [
+    "DiffusionData",
     "GlobalBatch",
     "MicroBatch",
     "draw_global_batch",
@@ -31,6 +29,17 @@ __all__ = [
     "micro_loss",
     "min_snr_weight",
 ]
+
+
+@dataclass
+class DiffusionData:
+    """Training images as the model sees them (pixels in [-1, 1] or scaled latents)."""
+
+    x: torch.Tensor  # (N, C, H, W) float32 (latent space: the scaled posterior mean)
+    y: torch.Tensor  # (N,) int64 class (ignored when num_classes == 0)
+    weight: Optional[torch.Tensor]  # (N,) float32 per-image loss weight, or None
+    num_classes: int  # 0 = unconditional
+    x_std: Optional[torch.Tensor] = None  # (N, C, H, W) latent posterior std (scaled): x0 ~ N(x, x_std^2)
 
 
 @dataclass

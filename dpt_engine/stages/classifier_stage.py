@@ -1,0 +1,102 @@
+"""What the two classifier stages (1 and 3) share: the fingerprint of a classifier config, the
+learner dispatch, the up-front check that the backbone fits the data, and the saved test
+predictions that stage 3's paired gain is computed from."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config.base import to_dict
+from ..config.schema import ClassifierConfig
+from ..data import DatasetSplits
+from ..ssl import ClassifierData, FitResult, fit_classifier, fit_linear_probe, predict_proba
+from ..utils.io import atomic_save_npz
+from .common import StageContext
+
+__all__ = ["check_classifier", "classifier_fingerprint", "fit_learner", "save_test_predictions"]
+
+# Keys that change how often we log or checkpoint, not what is computed.
+# The stage-3-only keys enter stage 3's fingerprint on their own.
+_NON_SEMANTIC = (
+    "eval_every",
+    "checkpoint_every",
+    "pseudo_dir",
+    "keep_unlabeled",
+    "pseudo_weight",
+    "pseudo_weighting",
+    "init_from_stage1",
+)
+
+
+def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    for k in _NON_SEMANTIC:
+        d.pop(k, None)
+    if (
+        d.get("precision") == "auto"
+    ):  # the behaviour before the field existed: old runs keep their fingerprint
+        d.pop("precision")
+    return d
+
+
+def fit_learner(
+    cfg: ClassifierConfig,
+    data: ClassifierData,
+    work_dir: Path,
+    ctx: StageContext,
+    seed: int,
+    init_state: dict | None = None,
+) -> FitResult:
+    """Dispatch to the configured learner (semi-supervised, supervised or linear probe)."""
+    if cfg.learner == "linear-probe":
+        return fit_linear_probe(cfg, data, work_dir, ctx.device, seed)
+    if cfg.learner in ("freematch", "fixmatch") and data.unlabeled is None:
+        cfg = replace(cfg, learner="supervised")
+    return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress, init_state=init_state)
+
+
+def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None:
+    """Build the stage's classifier for the dataset once (and read a linear probe's backbone
+    weights) before the run directory is touched: a backbone that does not fit the images, or
+    unusable weights, fail here with the setting to change."""
+    from ..config.base import ConfigError
+    from ..models.checkpoints import CheckpointError
+    from ..models.classifiers import create_classifier
+    from ..ssl.linear_probe import build_probe_backbone
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if cfg.learner == "linear-probe":
+                build_probe_backbone(
+                    cfg.backbone, sp.num_classes, sp.channels, sp.image_size, cfg.probe_checkpoint
+                )
+            else:
+                create_classifier(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{key}.backbone={cfg.backbone!r} cannot be built for {sp.channels}-channel {sp.image_size}px images "
+            f"({first}); choose another {key}.backbone (or set data.image_size)"
+        ) from None
+
+
+def save_test_predictions(
+    stage_dir: Path, model: Any, sp: DatasetSplits, ctx: StageContext, batch: int
+) -> None:
+    """Each evaluation image's predicted class (``test_predictions.npz``: ``pred``, ``label``), so
+    stage 3 can tell its gain over stage 1 from noise (``eval/paired.py``)."""
+    probs = predict_proba(
+        model, sp.test, None, batch_size=batch, device=ctx.device, num_workers=ctx.cfg.run.num_workers
+    )
+    atomic_save_npz(
+        stage_dir / "test_predictions.npz",
+        pred=probs.argmax(dim=1).numpy().astype(np.int32),
+        label=sp.test.labels.numpy().astype(np.int32),
+    )
