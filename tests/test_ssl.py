@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dpt_engine.config.schema import ClassifierConfig
-from dpt_engine.data.base import ArrayImageDataset
+from dpt_engine.data.base import ArrayImageDataset, DataError
 from dpt_engine.ssl import (
     ClassifierData,
     FreeMatchThresholds,
@@ -194,11 +194,14 @@ def test_freematch_learns_digits(digits, tmp_path):
     assert evaluate_top1(res.model, test) == pytest.approx(res.test_top1)
 
 
-def test_resume_is_bit_identical(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pseudo_share", [None, 0.5], ids=["one-draw", "real-and-pseudo-shares"])
+def test_resume_is_bit_identical(digits, tmp_path, monkeypatch, pseudo_share):
+    """Also with stage 3's fixed real / pseudo shares of each labeled batch (two samplers)."""
     train, _ = digits
     small = train.subset(np.arange(200))
     lab = _labeled_subset(small.labels, 2)
-    data = ClassifierData(small, lab, small, np.arange(len(small)), None, 10)
+    split = {} if pseudo_share is None else {"pseudo_share": pseudo_share, "num_real_labeled": 5}
+    data = ClassifierData(small, lab, small, np.arange(len(small)), None, 10, **split)
     cfg = _cfg(learner="freematch", steps=12, batch_size=8, uratio=2, eval_every=5, checkpoint_every=4)
     device = torch.device("cpu")
 
@@ -352,3 +355,32 @@ def test_predict_proba_fast_layout_matches_the_plain_forward():
         ref = torch.cat([model(images[i : i + 512].float() / 255).softmax(1) for i in range(0, n, 512)])
     assert torch.allclose(fast, ref, atol=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_pseudo_share_fixes_each_labeled_batch(digits, tmp_path, monkeypatch):
+    """``pseudo_share``: every labeled batch holds round(B * share) images from the pseudo part of
+    ``labeled_idx`` and the rest from the real part; share 0 never draws a pseudo image."""
+    import dpt_engine.ssl.trainer as trainer_mod
+
+    train, _ = digits
+    small = train.subset(np.arange(200))
+    lab = _labeled_subset(small.labels, 2)  # 20 positions: the first 5 play the real images
+    drawn: list[torch.Tensor] = []
+    real_next = trainer_mod._EpochSampler.next
+
+    def spy(self, k, gen):
+        out = real_next(self, k, gen)
+        drawn.append((self.n, out.clone()))
+        return out
+
+    monkeypatch.setattr(trainer_mod._EpochSampler, "next", spy)
+    cfg = _cfg(learner="supervised", steps=3, batch_size=8, eval_every=3, checkpoint_every=3)
+    for share, want in ((0.25, (6, 2)), (0.0, (8, 0))):
+        drawn.clear()
+        data = ClassifierData(small, lab, None, None, None, 10, pseudo_share=share, num_real_labeled=5)
+        fit_classifier(cfg, data, tmp_path / f"s{share}", torch.device("cpu"), seed=0, progress=False)
+        real = [len(p) for n, p in drawn if n == 5]
+        pseudo = [len(p) for n, p in drawn if n == 15]
+        assert real == [want[0]] * 3 and pseudo == ([want[1]] * 3 if want[1] else [])
+    with pytest.raises(DataError, match="pseudo_share"):
+        ClassifierData(small, lab, None, None, None, 10, pseudo_share=1.5, num_real_labeled=5).validate(False)

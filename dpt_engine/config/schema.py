@@ -142,12 +142,14 @@ class ClassifierConfig:
     keep_unlabeled: bool = True  # keep the real unlabeled data in the semi-supervised loss
     pseudo_weight: float = 1.0  # loss weight of the pseudo images relative to real labeled ones
     filter_pseudo: bool = False  # keep only pseudo images the stage-1 classifier assigns to their class
-    # per-pseudo-image loss weight, relative to a real labeled image:
-    #   uniform: pseudo_weight;
-    #   stage1-agreement: pseudo_weight x trust, trust = (a - 1/C) / (1 - 1/C) clipped to [0, 1] with a
-    #     the share of pseudo images the stage-1 classifier puts in their intended class (a useless
-    #     generator, a ~ chance, gets weight 0: stage 3 then trains on the real images alone);
-    #   stage1-confidence: pseudo_weight x the stage-1 probability of the image's intended class.
+    # how much the pseudo images count next to the real labeled ones:
+    #   uniform: loss weight pseudo_weight, drawn into labeled batches like the real images (plain DPT);
+    #   stage1-agreement: loss weight pseudo_weight, and a fixed share of every labeled batch,
+    #     trust x (their share of the labeled images), trust = (a - 1/C) / (1 - 1/C) clipped to [0, 1]
+    #     with a the share of pseudo images the stage-1 classifier puts in their intended class; the
+    #     real labeled images fill the rest (a useless generator, a ~ chance, gets no slots: stage 3
+    #     then trains on the real images alone, its labeled signal undiluted);
+    #   stage1-confidence: loss weight pseudo_weight x the stage-1 probability of the intended class.
     # The two stage-1 modes make the weights absolute (a batch of weight-0 images adds nothing).
     pseudo_weighting: Literal["uniform", "stage1-agreement", "stage1-confidence"] = "uniform"
     init_from_stage1: bool = False  # start from stage 1's weights (fine-tune) instead of from scratch

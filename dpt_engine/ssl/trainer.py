@@ -91,6 +91,12 @@ class ClassifierData:
     With ``absolute_weights`` the weighted labeled loss is divided by the batch's image count, not
     its total weight, so an image of weight 0.5 counts half as much as one of weight 1 whatever else
     is in the batch (and a batch of weight-0 images contributes nothing).
+
+    ``pseudo_share`` (stage 3) fixes the composition of every labeled batch: the first
+    ``num_real_labeled`` entries of ``labeled_idx`` are real images and the rest pseudo images,
+    each drawn in its own random epochs, and ``round(batch_size * pseudo_share)`` slots of each
+    labeled batch (at most all but one) go to pseudo images, the rest to real ones. Without it
+    the labeled batch is drawn from all of ``labeled_idx`` alike.
     """
 
     labeled: ImageDataset
@@ -101,6 +107,8 @@ class ClassifierData:
     num_classes: int
     labeled_weight: Optional[np.ndarray] = None
     absolute_weights: bool = False
+    pseudo_share: Optional[float] = None
+    num_real_labeled: Optional[int] = None
 
     def validate(self, semi_supervised: bool) -> None:
         idx = np.asarray(self.labeled_idx)
@@ -118,6 +126,13 @@ class ClassifierData:
                 raise DataError(
                     f"labeled_weight must be finite, >= 0, not all 0 and aligned with labeled_idx "
                     f"(shape {idx.shape}), got shape {w.shape}"
+                )
+        if self.pseudo_share is not None:
+            n_real = self.num_real_labeled
+            if not 0.0 <= self.pseudo_share <= 1.0 or n_real is None or not 0 < n_real <= len(idx):
+                raise DataError(
+                    f"pseudo_share must be in [0, 1] with 0 < num_real_labeled <= {len(idx)} "
+                    f"(got pseudo_share={self.pseudo_share}, num_real_labeled={n_real})"
                 )
         if semi_supervised and (
             self.unlabeled is None or self.unlabeled_idx is None or len(self.unlabeled_idx) == 0
@@ -423,6 +438,11 @@ def _fingerprint(
             ),
             "labeled_weight": _array_digest(data.labeled_weight),
             **({"absolute_weights": True} if data.absolute_weights else {}),
+            **(
+                {"pseudo_share": float(data.pseudo_share), "num_real_labeled": int(data.num_real_labeled)}
+                if data.pseudo_share is not None
+                else {}
+            ),
             "unlabeled_idx": _array_digest(data.unlabeled_idx),
             "unlabeled_len": None if data.unlabeled is None else len(data.unlabeled),
             **({"init": _state_digest(init_state)} if init_state is not None else {}),
@@ -493,7 +513,14 @@ def fit_classifier(
         weights_l = torch.as_tensor(np.asarray(data.labeled_weight), dtype=torch.float32).to(device)
     store_u = _ImageStore(data.unlabeled, data.unlabeled_idx, device) if semi else None
     labels_u = data.unlabeled.labels[store_u.idx].to(device) if store_u is not None else None
-    sampler_l = _EpochSampler(len(store_l))
+    b_l, b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
+    n_real, b_p = len(store_l), 0  # labeled positions [0, n_real) are drawn by sampler_l
+    if data.pseudo_share is not None:  # real and pseudo images in fixed shares of each labeled batch
+        n_real = int(data.num_real_labeled)
+        if len(store_l) > n_real:
+            b_p = min(b_l - 1, round(b_l * data.pseudo_share))
+    sampler_l = _EpochSampler(n_real)
+    sampler_p = _EpochSampler(len(store_l) - n_real) if b_p else None  # positions n_real + ...
     sampler_u = _EpochSampler(len(store_u)) if store_u is not None else None
 
     # ---- model, EMA, optimiser, RNG
@@ -528,6 +555,8 @@ def fit_classifier(
         optimizer.load_state_dict(ck["optimizer"])
         thresholds.load_state_dict(ck["thresholds"])
         sampler_l.load_state_dict(ck["sampler_l"])
+        if sampler_p is not None:
+            sampler_p.load_state_dict(ck["sampler_p"])
         if sampler_u is not None:
             sampler_u.load_state_dict(ck["sampler_u"])
         gen.set_state(ck["gen"])
@@ -550,6 +579,7 @@ def fit_classifier(
                 "optimizer": optimizer.state_dict(),
                 "thresholds": thresholds.state_dict(),
                 "sampler_l": sampler_l.state_dict(),
+                **({"sampler_p": sampler_p.state_dict()} if sampler_p is not None else {}),
                 "sampler_u": None if sampler_u is None else sampler_u.state_dict(),
                 "gen": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -562,7 +592,6 @@ def fit_classifier(
 
     log_every = max(1, min(cfg.eval_every, 25))
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    b_l, b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
     pbar = _progress_bar(progress, cfg.steps, start, cfg.learner)
     last_top1: Optional[float] = None
     t0 = time.perf_counter()
@@ -574,7 +603,9 @@ def fit_classifier(
             g["lr"] = lr
 
         # ---- batch: sampling and augmentation, all from `gen`
-        pos_l = sampler_l.next(b_l, gen)  # (B_l,)
+        pos_l = sampler_l.next(b_l - b_p, gen)  # (B_l,): real, then pseudo positions
+        if sampler_p is not None:
+            pos_l = torch.cat([pos_l, n_real + sampler_p.next(b_p, gen)])
         x_l = weak(uint8_to_unit(store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
         y_l = labels_l[pos_l.to(device)]
         w_l = None if weights_l is None else weights_l[pos_l.to(device)]

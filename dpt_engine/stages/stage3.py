@@ -214,9 +214,8 @@ def _select_and_weight(
     trust = float(np.clip((agree.mean() - chance) / (1.0 - chance), 0.0, 1.0))
     if s3.pseudo_weighting == "stage1-confidence":
         w = w * p[keep]
-    elif s3.pseudo_weighting == "stage1-agreement":
+    elif s3.pseudo_weighting == "stage1-agreement":  # trust sets their share of each batch (run_stage3)
         info["pseudo_trust"] = trust
-        w = w * trust
         if trust == 0.0:
             log.warning(
                 "stage3: the stage-1 classifier puts only %.0f%% of the pseudo images into their class (chance "
@@ -319,8 +318,9 @@ def describe_stage3(s: dict[str, Any]) -> str:
             parts.append("that is no better than chance, so stage 3 trained without the pseudo images")
         else:
             parts.append(
-                f"so each pseudo image counted {trust:.2f} of a real labeled image in the loss "
-                "(its trust: the agreement above chance)"
+                f"so they filled {100 * float(s.get('pseudo_batch_share', 0.0)):.1f}% of each labeled batch "
+                f"(their share of the labeled images times the trust {trust:.2f}, the agreement above chance) "
+                "and real labeled images the rest"
             )
     if s.get("pseudo_weighting") == "stage1-confidence" and s.get("pseudo_weight") != 0:
         parts.append(
@@ -395,6 +395,11 @@ def run_stage3(
         pseudo_idx = len(real) + np.arange(len(pseudo))
         labeled_idx = np.concatenate([sp.labeled_idx, pseudo_idx])
         weight = np.concatenate([np.ones(len(sp.labeled_idx)), pseudo_w]).astype(np.float32)
+        share = None  # stage1-agreement: the pseudo images' share of each labeled batch
+        if cfg.stage3.pseudo_weighting == "stage1-agreement" and len(pseudo):
+            natural = len(pseudo) / (len(sp.labeled_idx) + len(pseudo))  # what a uniform draw gives
+            share = float(filter_info["pseudo_trust"]) * natural
+            filter_info["pseudo_batch_share"] = share
         semi = cfg.stage3.keep_unlabeled and cfg.stage3.learner in ("freematch", "fixmatch")
         data = ClassifierData(
             labeled=combined,
@@ -405,6 +410,8 @@ def run_stage3(
             num_classes=sp.num_classes,
             labeled_weight=weight,
             absolute_weights=cfg.stage3.pseudo_weighting != "uniform",
+            pseudo_share=share,
+            num_real_labeled=len(sp.labeled_idx) if share is not None else None,
         )
         counts = np.bincount(pseudo.labels.numpy(), minlength=sp.num_classes)
         log.info(
