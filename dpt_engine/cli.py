@@ -165,21 +165,26 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         from .pipeline import run_pipeline, run_single_stage, setup_run
+        from .utils.dist import dist_info, shutdown_distributed
 
         out = Path(args.out or f"runs/{cfg.preset}")
         progress = not args.no_progress
-        if args.command == "run":
-            report = run_pipeline(cfg, out, progress=progress)
-            _print_summary(report, out)
-        else:
-            from .data import build_splits
+        try:
+            if args.command == "run":
+                report = run_pipeline(cfg, out, progress=progress)
+                if dist_info().is_main:  # one summary per job, not one per rank
+                    _print_summary(report, out)
+            else:
+                from .data import build_splits
 
-            splits = build_splits(cfg.data)
-            ctx = setup_run(cfg, out, progress)
-            res = run_single_stage(args.command, ctx, splits)
-            print(
-                yaml.safe_dump({res.name: {k: v for k, v in res.summary.items() if not isinstance(v, dict)}})
-            )
+                splits = build_splits(cfg.data)
+                ctx = setup_run(cfg, out, progress)
+                res = run_single_stage(args.command, ctx, splits)
+                if dist_info().is_main:
+                    summary = {k: v for k, v in res.summary.items() if not isinstance(v, dict)}
+                    print(yaml.safe_dump({res.name: summary}))
+        finally:  # under torchrun: leave the process group before exit, not in C++ destructors
+            shutdown_distributed()
         return 0
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dpt: error: {e}", file=sys.stderr)

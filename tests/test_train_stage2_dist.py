@@ -83,3 +83,22 @@ def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
     before = (dist_out / "stage2" / "model.pt").stat().st_mtime_ns
     assert cli_main(["stage2", "--out", str(dist_out), *ARGS]) == 0
     assert (dist_out / "stage2" / "model.pt").stat().st_mtime_ns == before
+
+    # `dpt sample` of that model under torchrun, with background writer threads: both ranks exit 0
+    # (each leaves the process group before exit) and the job prints one summary, not one per rank
+    sample_args = [
+        "sample.images_per_class=6",
+        "sample.steps=2",
+        "sample.batch_size=4",
+        "sample.shard_size=4",
+        "sample.writer_workers=2",
+        "sample.format=tar",
+        "sample.fid=false",
+    ]
+    cmd = [*cmd[: cmd.index("dpt_engine.cli") + 1], "sample", "--out", str(dist_out), *ARGS, *sample_args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    assert proc.stdout.count("sample:") == 1, proc.stdout
+    manifest = json.loads((dist_out / "sample" / "samples" / "manifest.json").read_text())
+    assert manifest["num_images"] == 60 and manifest["throughput"]["world_size"] == 2

@@ -27,6 +27,7 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "main_process_first",
+    "shutdown_distributed",
 ]
 
 
@@ -95,6 +96,15 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return dist_info()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if this process joined one (idempotent; no collective call, so a
+    rank whose peer died still exits). A process that reaches interpreter exit with a live gloo /
+    NCCL group can abort in the library's C++ destructors ("terminate called without an active
+    exception", SIGABRT) after finishing its work, which a scheduler reads as a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
