@@ -144,8 +144,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "steps": 1000,
             "batch_size": 16,
             "tau_ema": 0.99,
-            # the pseudo images count as much as stage 1 finds them faithful, on top of stage 1's
-            # weights (tests/test_stage3_defence.py: a useless generator then costs nothing)
+            # the pseudo images get as large a share of each labeled batch as stage 1 finds them
+            # faithful, on top of stage 1's weights (benchmarks/results/stage3_defence.md: a
+            # useless generator then costs nothing)
             "pseudo_weighting": "stage1-agreement",
             "init_from_stage1": True,
         },
@@ -155,8 +156,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # won benchmarks/quality/recipe_search.py at equal wall clock (benchmarks/results/
     # recipe_fashion_mnist.md: oracle class fidelity 88.0% after 6 minutes, against 10.0% for
     # uvit-tiny28): a small convolutional U-Net, Min-SNR-5 loss weighting, lr 2e-3, bf16 autocast.
-    # Stage 3 weighs the pseudo images by how often stage 1 agrees with their intended class and
-    # fine-tunes stage 1's classifier, so a poor generator cannot drag it below stage 1.
+    # Stage 3 gives the pseudo images a share of each labeled batch set by how often stage 1 agrees
+    # with their intended class and fine-tunes stage 1's classifier, so a poor generator cannot
+    # drag it below stage 1.
     "fashion-mnist": {
         "data": {"name": "fashion-mnist", "labels_per_class": 4},
         "stage1": {
