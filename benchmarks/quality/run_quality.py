@@ -173,8 +173,10 @@ def _record(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """One results row: the run's identity, its config overrides and its report's metrics, the wall
-    time of each stage and the torch threads it ran with."""
+    time of each stage, the torch threads it ran with and the commit of the code that wrote it."""
     import torch
+
+    from ..harness import commit_hash
 
     return {
         "name": run["name"],
@@ -188,6 +190,7 @@ def _record(
         "wall_time_s": report["wall_time_s"],
         "wall_time_this_call_s": seconds,
         "threads": threads if threads is not None else torch.get_num_threads(),
+        "commit": commit_hash(),
     }
 
 
