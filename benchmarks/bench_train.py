@@ -53,10 +53,10 @@ from torch import nn
 
 from dpt_engine.config.schema import DiffusionConfig
 from dpt_engine.diffusion.schedules import NoiseSchedule, make_schedule
-from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at
+from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at, train_step
 from dpt_engine.kernels import registered_backends, resolve_backend
 from dpt_engine.models.uvit import Attention, UViT, create_uvit, flops_per_forward, list_uvits
-from dpt_engine.train.batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches, micro_loss
+from dpt_engine.train.batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches
 from dpt_engine.train.engine import Backend, build_backend, param_groups, setup_process_group
 from dpt_engine.train.guards import BadStepGuard, peak_flops
 
@@ -221,8 +221,9 @@ class OriginalTrainer:
 
 
 class EngineTrainer:
-    """Our training step: ``fit_diffusion``'s loop body on a ``build_backend`` backend (one process,
-    one micro-batch): the same draws, loss, guard, optimizer step and dispatched EMA update."""
+    """Our training step: ``dpt_engine.diffusion.trainer.train_step``, the loop body ``fit_diffusion``
+    runs, on a ``build_backend`` backend (one process): the same draws, lr schedule, loss, guard,
+    optimizer step and dispatched EMA update as a stage-2 run."""
 
     def __init__(
         self,
@@ -236,10 +237,11 @@ class EngineTrainer:
         self.name = name
         self.cfg = cfg
         self.schedule = make_schedule(cfg.schedule)
-        info = setup_process_group(cfg.backend, device)
-        self.backend: Backend = build_backend(copy.deepcopy(net).train(), cfg, device, info)
+        self.info = setup_process_group(cfg.backend, device)
+        self.backend: Backend = build_backend(copy.deepcopy(net).train(), cfg, device, self.info)
         self.guard = BadStepGuard(cfg.max_bad_steps)
-        self.batches = _Batches(data, cfg, self.schedule, device, torch.Generator().manual_seed(seed))
+        self.data, self.device = data, device
+        self.gen = torch.Generator().manual_seed(seed)  # the seed _Batches gives the baseline
         self.steps = 0
 
     def model(self) -> nn.Module:
@@ -249,21 +251,19 @@ class EngineTrainer:
         return self.backend.ema
 
     def step(self) -> torch.Tensor:
-        step = self.steps
-        batch, mb = self.batches.next()
-        self.backend.set_lr(self.cfg.lr)
-        xt = self.schedule.add_noise(mb.x0, mb.noise, mb.t)
-        with self.backend.accumulate(True):
-            pred = self.backend.forward(xt, self.schedule.network_time(mb.t), mb.y)
-            loss = micro_loss(pred, mb, batch, whole_batch=True)
-            self.backend.backward(loss, True)
-        if self.guard.check(step, float(loss.detach())):  # the trainer's one host sync per step
-            self.backend.step(self.cfg.grad_clip)
-            self.backend.ema_update(ema_decay_at(step, self.cfg.ema_decay))
-        else:
-            self.backend.skip_step()
+        res = train_step(
+            self.backend,
+            self.data,
+            self.cfg,
+            self.schedule,
+            self.gen,
+            self.steps,
+            self.guard,
+            self.device,
+            self.info,
+        )
         self.steps += 1
-        return loss.detach()
+        return res.loss
 
 
 def make_trainer(

@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,13 +37,13 @@ from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
 from ..utils import testhooks
-from ..utils.dist import barrier
+from ..utils.dist import DistInfo, barrier
 from ..utils.io import atomic_torch_save
-from .schedules import make_schedule
+from .schedules import NoiseSchedule, make_schedule
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["DiffusionData", "DiffusionFit", "ema_decay_at", "fit_diffusion"]
+__all__ = ["DiffusionData", "DiffusionFit", "StepResult", "ema_decay_at", "fit_diffusion", "train_step"]
 
 
 @dataclass
@@ -65,6 +66,62 @@ def ema_decay_at(step: int, decay: float) -> float:
     steps, 74% of the EMA is still the initial weights); long runs are unaffected.
     """
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@dataclass
+class StepResult:
+    """What one stage-2 optimisation step did."""
+
+    loss: torch.Tensor  # () the global batch's loss, detached (summed over ranks and micro-batches)
+    lr: float
+    applied: bool  # False: the bad-step guard skipped it (non-finite or exploding loss)
+    grad_norm: Optional[torch.Tensor] = None  # () before clipping, when the backend reports it
+
+
+def train_step(
+    backend: Backend,
+    data: DiffusionData,
+    cfg: DiffusionConfig,
+    schedule: NoiseSchedule,
+    gen: torch.Generator,
+    step: int,
+    guard: BadStepGuard,
+    device: torch.device,
+    info: DistInfo,
+) -> StepResult:
+    """One optimisation step of stage 2 (0-based ``step``), the loop body of :func:`fit_diffusion`
+    and of the training benchmark: draw the global batch from ``gen``, this rank's micro-batches
+    (Min-SNR weights if configured), the lr of the step, forward / backward per micro-batch, the
+    global loss (all-reduced across ranks), then the optimizer step and EMA update, or a skip when
+    the guard rejects the loss. One host sync per step (the guard needs the loss value)."""
+    whole_batch = info.world_size * cfg.grad_accum == 1
+    batch = draw_global_batch(data, cfg.batch_size, schedule, gen, cfg.hflip, cfg.label_dropout)
+    mbs = micro_batches(batch, data, info.rank, info.world_size, cfg.grad_accum, device)
+    if cfg.loss_weighting == "min-snr":
+        for mb in mbs:
+            mb.time_weight = min_snr_weight(schedule, mb.t, cfg.min_snr_gamma)
+    lr = _lr_at(step, cfg)
+    backend.set_lr(lr)
+    loss_sum = None
+    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
+    with oom_hint(micro, cfg.batch_size, cfg.grad_accum, cfg.grad_checkpointing):
+        for m, mb in enumerate(mbs):
+            last = m == len(mbs) - 1
+            xt = schedule.add_noise(mb.x0, mb.noise, mb.t)
+            with backend.accumulate(last):
+                pred = backend.forward(xt, schedule.network_time(mb.t), mb.y)
+                loss = micro_loss(pred, mb, batch, whole_batch)
+                backend.backward(loss, last)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if info.world_size > 1:  # every rank sees the global loss (and skips the same steps)
+            dist.all_reduce(loss_sum)
+        # float() syncs with the device once per step: the skip decision needs the value
+        if not guard.check(step, float(loss_sum)):
+            backend.skip_step()
+            return StepResult(loss=loss_sum, lr=lr, applied=False)
+        norm = backend.step(cfg.grad_clip)
+        backend.ema_update(ema_decay_at(step, cfg.ema_decay))
+    return StepResult(loss_sum, lr, True, None if norm is None else norm.detach().float())
 
 
 def fit_diffusion(
@@ -100,8 +157,6 @@ def fit_diffusion(
     if start:
         log.info("stage2: resuming from step %d", start)
 
-    whole_batch = info.world_size * cfg.grad_accum == 1
-    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
     interrupt_at = testhooks.interrupt_at_step()
     fwd_flops = denoiser_flops(net)
     peak, peak_src = peak_flops(device, backend.bf16) if info.is_main and fwd_flops else (None, "")
@@ -118,34 +173,12 @@ def fit_diffusion(
     )
     try:
         for step in range(start, cfg.steps):
-            batch = draw_global_batch(data, cfg.batch_size, schedule, gen, cfg.hflip, cfg.label_dropout)
-            mbs = micro_batches(batch, data, info.rank, info.world_size, cfg.grad_accum, device)
-            if cfg.loss_weighting == "min-snr":
-                for mb in mbs:
-                    mb.time_weight = min_snr_weight(schedule, mb.t, cfg.min_snr_gamma)
-            lr = _lr_at(step, cfg)
-            backend.set_lr(lr)
-            loss_sum = None
-            with oom_hint(micro, cfg.batch_size, cfg.grad_accum, cfg.grad_checkpointing):
-                for m, mb in enumerate(mbs):
-                    last = m == len(mbs) - 1
-                    xt = schedule.add_noise(mb.x0, mb.noise, mb.t)
-                    with backend.accumulate(last):
-                        pred = backend.forward(xt, schedule.network_time(mb.t), mb.y)
-                        loss = micro_loss(pred, mb, batch, whole_batch)
-                        backend.backward(loss, last)
-                    loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-                if info.world_size > 1:  # every rank sees the global loss (and skips the same steps)
-                    dist.all_reduce(loss_sum)
-                # float() syncs with the device once per step: the skip decision needs the value
-                if guard.check(step, float(loss_sum)):
-                    norm = backend.step(cfg.grad_clip)
-                    backend.ema_update(ema_decay_at(step, cfg.ema_decay))
-                    running.append(loss_sum)
-                    if norm is not None:
-                        norms.append(norm.detach().float())
-                else:
-                    backend.skip_step()
+            res = train_step(backend, data, cfg, schedule, gen, step, guard, device, info)
+            lr = res.lr
+            if res.applied:
+                running.append(res.loss)
+                if res.grad_norm is not None:
+                    norms.append(res.grad_norm)
             meter.add(cfg.batch_size)
             done = step + 1
             bar.update(1)
