@@ -67,6 +67,7 @@ __all__ = [
     "ClassifierData",
     "FitResult",
     "FreeMatchThresholds",
+    "classifier_losses",
     "evaluate_top1",
     "fit_classifier",
     "fixmatch_mask",
@@ -472,6 +473,186 @@ def _weighted_ce(
     return (ce * w).sum() / w.sum().clamp_min(1e-12)
 
 
+class _Batches:
+    """Draws each step's batch, all from one generator: the labeled positions (real, then pseudo
+    when ``ClassifierData.pseudo_share`` fixes their shares), their weak augmentations, labels and
+    weights, and for the semi-supervised learners the unlabeled images, weak and strong."""
+
+    def __init__(self, cfg: ClassifierConfig, data: ClassifierData, device: torch.device, semi: bool):
+        self.cfg, self.device, self.semi = cfg, device, semi
+        self.store_l = _ImageStore(data.labeled, data.labeled_idx, device)
+        self.labels_l = data.labeled.labels[self.store_l.idx].to(device)  # (n_l,)
+        self.weights_l = None  # (n_l,) per-example CE weights
+        if data.labeled_weight is not None:
+            self.weights_l = torch.as_tensor(np.asarray(data.labeled_weight), dtype=torch.float32).to(device)
+        self.store_u = _ImageStore(data.unlabeled, data.unlabeled_idx, device) if semi else None
+        self.labels_u = data.unlabeled.labels[self.store_u.idx].to(device) if semi else None
+        self.b_l, self.b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
+        self.n_real, self.b_p = len(self.store_l), 0  # labeled positions [0, n_real) come from sampler_l
+        if data.pseudo_share is not None:  # real and pseudo images in fixed shares of each labeled batch
+            self.n_real = int(data.num_real_labeled)
+            if len(self.store_l) > self.n_real:
+                self.b_p = min(self.b_l - 1, round(self.b_l * data.pseudo_share))
+        self.sampler_l = _EpochSampler(self.n_real)
+        self.sampler_p = _EpochSampler(len(self.store_l) - self.n_real) if self.b_p else None  # n_real + ...
+        self.sampler_u = _EpochSampler(len(self.store_u)) if semi else None
+
+    def next(self, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """``x`` (B_l [+ 2 B_u], C, H, W): labeled weak [+ unlabeled weak, strong]; ``y_l``, ``w_l``
+        (or None) for the labeled part; ``y_u`` (true labels of the unlabeled part, -1 unknown)."""
+        cfg = self.cfg
+        pos_l = self.sampler_l.next(self.b_l - self.b_p, gen)  # (B_l,): real, then pseudo positions
+        if self.sampler_p is not None:
+            pos_l = torch.cat([pos_l, self.n_real + self.sampler_p.next(self.b_p, gen)])
+        x = weak(uint8_to_unit(self.store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
+        y_l = self.labels_l[pos_l.to(self.device)]
+        w_l = None if self.weights_l is None else self.weights_l[pos_l.to(self.device)]
+        y_u = None
+        if self.semi:
+            pos_u = self.sampler_u.next(self.b_u, gen)  # (B_u,)
+            u = uint8_to_unit(self.store_u.get(pos_u))
+            x = torch.cat([x, weak(u, gen, cfg.hflip), strong(u, gen, cfg.hflip)])  # (B_l + 2 B_u, C, H, W)
+            y_u = self.labels_u[pos_u.to(self.device)]
+        return x, y_l, w_l, y_u
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampler_l": self.sampler_l.state_dict(),
+            **({"sampler_p": self.sampler_p.state_dict()} if self.sampler_p is not None else {}),
+            "sampler_u": None if self.sampler_u is None else self.sampler_u.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler_l.load_state_dict(state["sampler_l"])
+        if self.sampler_p is not None:
+            self.sampler_p.load_state_dict(state["sampler_p"])
+        if self.sampler_u is not None:
+            self.sampler_u.load_state_dict(state["sampler_u"])
+
+
+def classifier_losses(
+    logits: torch.Tensor,
+    y_l: torch.Tensor,
+    w_l: Optional[torch.Tensor],
+    y_u: Optional[torch.Tensor],
+    cfg: ClassifierConfig,
+    thresholds: Optional[FreeMatchThresholds],
+    absolute_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's loss on one batch of logits ``(B_l [+ 2 B_u], C)`` (labeled, then unlabeled
+    weak and strong views), and the logged terms ``(loss, loss_x, loss_u, loss_f, mask rate,
+    correct pseudo-labels, known pseudo-labels, 1)``.
+
+    ``supervised``: weighted CE on the labeled part. ``fixmatch``: + ``lambda_u`` x CE of the strong
+    view against the weak view's argmax where its confidence passes ``cfg.threshold``.
+    ``freematch``: the mask from the self-adaptive ``thresholds`` (updated here with the weak
+    view's probabilities) + ``lambda_ent`` x the fairness term."""
+    b_l = len(y_l)
+    loss_x = _weighted_ce(logits[:b_l], y_l, w_l, absolute_weights)
+    zero = loss_x.new_zeros(())
+    loss_u = loss_f = mask_rate = pl_correct = pl_known = zero
+    loss = loss_x
+    if cfg.learner != "supervised":
+        logits_uw, logits_us = logits[b_l:].chunk(2)  # (B_u, C) each
+        probs_w = logits_uw.detach().softmax(dim=1)
+        pseudo = probs_w.argmax(dim=1)
+        if cfg.learner == "fixmatch":
+            mask = fixmatch_mask(probs_w, cfg.threshold)
+        else:
+            thresholds.update(probs_w)
+            mask = thresholds.mask(probs_w)
+            loss_f = freematch_fairness_loss(logits_us, mask, thresholds.p_model, thresholds.label_hist)
+        loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
+        loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_ent * loss_f
+        known = (y_u >= 0).to(mask.dtype) * mask
+        mask_rate, pl_known = mask.mean(), known.sum()
+        pl_correct = ((pseudo == y_u).to(mask.dtype) * known).sum()
+    terms = torch.stack(
+        [loss, loss_x, loss_u, loss_f, mask_rate, pl_correct, pl_known, torch.ones_like(loss)]
+    )
+    return loss, terms.detach().double()
+
+
+class _TrainState:
+    """Everything a classifier run resumes from: model, EMA, optimizer, FreeMatch thresholds, the
+    batch samplers, the data generator, torch's RNG, the history and the step, with
+    ``state_dict`` / ``load_state_dict`` (the ``checkpoint.pt`` payload)."""
+
+    def __init__(
+        self,
+        cfg: ClassifierConfig,
+        data: ClassifierData,
+        batches: _Batches,
+        device: torch.device,
+        seed: int,
+        init_state: Optional[dict],
+    ):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_classifier(
+                cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
+            )
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=True)
+        self.device = device
+        self.model = model.to(device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        self.optimizer = torch.optim.SGD(
+            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov
+        )
+        self.thresholds = FreeMatchThresholds(data.num_classes, cfg.tau_ema, device)
+        self.batches = batches
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history: list[dict] = []
+        self.acc = torch.zeros(_N_ACC, dtype=torch.float64, device=device)  # sums of the logged terms
+        self.step, self.elapsed = 0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "thresholds": self.thresholds.state_dict(),
+            **self.batches.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            "history": self.history,
+            "acc": self.acc.cpu(),
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, ck: dict[str, Any]) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.thresholds.load_state_dict(ck["thresholds"])
+        self.batches.load_state_dict(ck)
+        self.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        if self.device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
+        self.history = list(ck["history"])
+        self.acc = ck["acc"].to(self.device)
+        self.step, self.elapsed = int(ck["step"]), float(ck["elapsed"])
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
+    """``checkpoint.pt`` if it exists; a checkpoint of another configuration is an error."""
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("version") != _CKPT_VERSION or ck.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{path} was written by a different configuration or data (fingerprint "
+            f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
+        )
+    return ck
+
+
 def fit_classifier(
     cfg: ClassifierConfig,
     data: ClassifierData,
@@ -496,176 +677,56 @@ def fit_classifier(
             "(linear-probe is fit by dpt_engine.ssl.linear_probe.fit_linear_probe)"
         )
     cfg.validate()
-    semi = cfg.learner != "supervised"
-    data.validate(semi)
-    device = torch.device(device)
-    work_dir = Path(work_dir)
+    data.validate(cfg.learner != "supervised")
+    device, work_dir = torch.device(device), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
     interrupt_at = testhooks.interrupt_at_step()
     fingerprint = _fingerprint(cfg, data, seed, init_state)
-
-    # ---- data
-    store_l = _ImageStore(data.labeled, data.labeled_idx, device)
-    labels_l = data.labeled.labels[store_l.idx].to(device)  # (n_l,)
-    weights_l = None  # (n_l,) per-example CE weights
-    if data.labeled_weight is not None:
-        weights_l = torch.as_tensor(np.asarray(data.labeled_weight), dtype=torch.float32).to(device)
-    store_u = _ImageStore(data.unlabeled, data.unlabeled_idx, device) if semi else None
-    labels_u = data.unlabeled.labels[store_u.idx].to(device) if store_u is not None else None
-    b_l, b_u = cfg.batch_size, cfg.uratio * cfg.batch_size
-    n_real, b_p = len(store_l), 0  # labeled positions [0, n_real) are drawn by sampler_l
-    if data.pseudo_share is not None:  # real and pseudo images in fixed shares of each labeled batch
-        n_real = int(data.num_real_labeled)
-        if len(store_l) > n_real:
-            b_p = min(b_l - 1, round(b_l * data.pseudo_share))
-    sampler_l = _EpochSampler(n_real)
-    sampler_p = _EpochSampler(len(store_l) - n_real) if b_p else None  # positions n_real + ...
-    sampler_u = _EpochSampler(len(store_u)) if store_u is not None else None
-
-    # ---- model, EMA, optimiser, RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create_classifier(
-            cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
-        )
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
-    model = model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    nesterov = cfg.nesterov and cfg.momentum > 0
-    optimizer = torch.optim.SGD(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov
-    )
-    thresholds = FreeMatchThresholds(data.num_classes, cfg.tau_ema, device)
-    gen = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    acc = torch.zeros(_N_ACC, dtype=torch.float64, device=device)
-    start, elapsed = 0, 0.0
-
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("version") != _CKPT_VERSION or ck.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{ckpt_path} was written by a different configuration or data (fingerprint "
-                f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
-            )
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        thresholds.load_state_dict(ck["thresholds"])
-        sampler_l.load_state_dict(ck["sampler_l"])
-        if sampler_p is not None:
-            sampler_p.load_state_dict(ck["sampler_p"])
-        if sampler_u is not None:
-            sampler_u.load_state_dict(ck["sampler_u"])
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        if device.type == "cuda" and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        history = list(ck["history"])
-        acc = ck["acc"].to(device)
-        start, elapsed = int(ck["step"]), float(ck["elapsed"])
-
-    def save_checkpoint(step: int) -> None:
-        atomic_torch_save(
-            ckpt_path,
-            {
-                "version": _CKPT_VERSION,
-                "fingerprint": fingerprint,
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "thresholds": thresholds.state_dict(),
-                "sampler_l": sampler_l.state_dict(),
-                **({"sampler_p": sampler_p.state_dict()} if sampler_p is not None else {}),
-                "sampler_u": None if sampler_u is None else sampler_u.state_dict(),
-                "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history,
-                "acc": acc.cpu(),
-                "elapsed": elapsed,
-            },
-        )
+    batches = _Batches(cfg, data, device, semi=cfg.learner != "supervised")
+    st = _TrainState(cfg, data, batches, device, seed, init_state)
+    ck = _load_checkpoint(ckpt_path, fingerprint)
+    if ck is not None:
+        st.load_state_dict(ck)
+    start = st.step
 
     log_every = max(1, min(cfg.eval_every, 25))
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     pbar = _progress_bar(progress, cfg.steps, start, cfg.learner)
     last_top1: Optional[float] = None
     t0 = time.perf_counter()
-    model.train()
+    st.model.train()
     for k in range(start, cfg.steps):
         step = k + 1
         lr = _lr_at(cfg, k)
-        for g in optimizer.param_groups:
+        for g in st.optimizer.param_groups:
             g["lr"] = lr
-
-        # ---- batch: sampling and augmentation, all from `gen`
-        pos_l = sampler_l.next(b_l - b_p, gen)  # (B_l,): real, then pseudo positions
-        if sampler_p is not None:
-            pos_l = torch.cat([pos_l, n_real + sampler_p.next(b_p, gen)])
-        x_l = weak(uint8_to_unit(store_l.get(pos_l)), gen, cfg.hflip)  # (B_l, C, H, W)
-        y_l = labels_l[pos_l.to(device)]
-        w_l = None if weights_l is None else weights_l[pos_l.to(device)]
-        if semi:
-            pos_u = sampler_u.next(b_u, gen)  # (B_u,)
-            u = uint8_to_unit(store_u.get(pos_u))
-            x = torch.cat([x_l, weak(u, gen, cfg.hflip), strong(u, gen, cfg.hflip)])  # (B_l + 2 B_u, C, H, W)
-        else:
-            x = x_l
-
-        # ---- losses
+        x, y_l, w_l, y_u = batches.next(st.gen)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x).float()
-        loss_x = _weighted_ce(logits[:b_l], y_l, w_l, data.absolute_weights)
-        zero = loss_x.new_zeros(())
-        loss_u = loss_f = mask_rate = pl_correct = pl_known = zero
-        loss = loss_x
-        if semi:
-            logits_uw, logits_us = logits[b_l:].chunk(2)  # (B_u, C) each
-            probs_w = logits_uw.detach().softmax(dim=1)
-            pseudo = probs_w.argmax(dim=1)
-            if cfg.learner == "fixmatch":
-                mask = fixmatch_mask(probs_w, cfg.threshold)
-            else:
-                thresholds.update(probs_w)
-                mask = thresholds.mask(probs_w)
-                loss_f = freematch_fairness_loss(logits_us, mask, thresholds.p_model, thresholds.label_hist)
-            loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
-            loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_ent * loss_f
-            y_u = labels_u[pos_u.to(device)]
-            known = (y_u >= 0).to(mask.dtype) * mask
-            mask_rate, pl_known = mask.mean(), known.sum()
-            pl_correct = ((pseudo == y_u).to(mask.dtype) * known).sum()
-
-        optimizer.zero_grad(set_to_none=True)
+            logits = st.model(x).float()
+        loss, terms = classifier_losses(logits, y_l, w_l, y_u, cfg, st.thresholds, data.absolute_weights)
+        st.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        _ema_update(ema, model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-
-        acc += (
-            torch.stack(
-                [loss, loss_x, loss_u, loss_f, mask_rate, pl_correct, pl_known, torch.ones_like(loss)]
-            )
-            .detach()
-            .double()
-        )
+        st.optimizer.step()
+        _ema_update(st.ema, st.model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+        st.acc += terms
+        st.step = step
 
         # ---- log, evaluate, checkpoint
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if step % log_every == 0 or is_eval:
             now = time.perf_counter()
-            elapsed, t0 = elapsed + (now - t0), now
-            row = _history_row(step, acc.tolist(), lr, elapsed, cfg.learner)
-            acc.zero_()
+            st.elapsed, t0 = st.elapsed + (now - t0), now
+            row = _history_row(step, st.acc.tolist(), lr, st.elapsed, cfg.learner)
+            st.acc.zero_()
             if is_eval and data.test is not None:
-                row["test_top1"] = last_top1 = evaluate_top1(ema, data.test, device=device)
-            history.append(row)
+                row["test_top1"] = last_top1 = evaluate_top1(st.ema, data.test, device=device)
+            st.history.append(row)
             pbar.set_postfix(_postfix(row, last_top1), refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(step)
+            atomic_torch_save(
+                ckpt_path, {"version": _CKPT_VERSION, "fingerprint": fingerprint, **st.state_dict()}
+            )
             if step == interrupt_at:
                 pbar.close()
                 raise KeyboardInterrupt(
@@ -674,7 +735,7 @@ def fit_classifier(
         pbar.update(1)
     pbar.close()
 
-    ema.eval()
+    ema, history = st.ema.eval(), st.history
     test_top1 = None
     if data.test is not None:
         test_top1 = history[-1].get("test_top1") if history and start < cfg.steps else None
