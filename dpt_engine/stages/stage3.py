@@ -341,13 +341,10 @@ def describe_stage3(s: dict[str, Any]) -> str:
     return text[0].upper() + text[1:]
 
 
-def run_stage3(
-    ctx: StageContext, splits: DatasetSplits | None = None, stage1_top1: Optional[float] = None
-) -> StageResult:
+def _stage3_fingerprint(ctx: StageContext, pseudo_dir: Path) -> dict[str, Any]:
     cfg = ctx.cfg
-    pseudo_dir = default_pseudo_dir(ctx)
-    fingerprint = {
-        "data": data_fingerprint(ctx.cfg),
+    return {
+        "data": data_fingerprint(cfg),
         "stage3": {
             **classifier_fingerprint(cfg.stage3),
             "keep_unlabeled": cfg.stage3.keep_unlabeled,
@@ -368,6 +365,61 @@ def run_stage3(
         "seed": cfg.run.seed,
     }
 
+
+def _stage3_data(
+    ctx: StageContext, sp: DatasetSplits, pseudo: ImageDataset, pseudo_w: np.ndarray, info: dict[str, Any]
+) -> ClassifierData:
+    """The real labeled images followed by the kept pseudo images as the labeled set (the real
+    unlabeled images as the unlabeled set when ``stage3.keep_unlabeled``); with
+    ``stage1-agreement`` the pseudo images' share of each labeled batch is the trust times their
+    share of the labeled images (recorded in ``info``)."""
+    s3 = ctx.cfg.stage3
+    real, n_real = sp.train, len(sp.labeled_idx)
+    combined = ConcatImageDataset([real, pseudo]) if len(pseudo) else real
+    share = None
+    if s3.pseudo_weighting == "stage1-agreement" and len(pseudo):
+        natural = len(pseudo) / (n_real + len(pseudo))  # what a uniform draw gives
+        share = info["pseudo_batch_share"] = float(info["pseudo_trust"]) * natural
+    semi = s3.keep_unlabeled and s3.learner in ("freematch", "fixmatch")
+    return ClassifierData(
+        labeled=combined,
+        labeled_idx=np.concatenate([sp.labeled_idx, len(real) + np.arange(len(pseudo))]),
+        unlabeled=combined if semi else None,
+        unlabeled_idx=np.arange(len(real)) if semi else None,
+        test=sp.test,
+        num_classes=sp.num_classes,
+        labeled_weight=np.concatenate([np.ones(n_real), pseudo_w]).astype(np.float32),
+        absolute_weights=s3.pseudo_weighting != "uniform",
+        pseudo_share=share,
+        num_real_labeled=n_real if share is not None else None,
+    )
+
+
+def _gain_over_stage1(
+    ctx: StageContext, sp: DatasetSplits, stage_dir: Path, fit: Any, stage1_top1: Optional[float]
+) -> tuple[Optional[float], Optional[dict[str, Any]]]:
+    """Stage 1's top-1 and, where both stages saved predictions on the same evaluation images, the
+    paired gain with its 95% interval (``eval/paired.py``)."""
+    s1 = stage1_top1
+    if s1 is None:
+        s1_summary = ctx.stage_dir("stage1") / "summary.json"
+        s1 = read_json(s1_summary).get("top1") if s1_summary.is_file() else None
+    gain_stats = None
+    s1_pred = ctx.stage_dir("stage1") / "test_predictions.npz"
+    if fit.test_top1 is not None:
+        save_test_predictions(stage_dir, fit.model, sp, ctx, ctx.cfg.stage3.probe_batch_size)
+        if s1_pred.is_file():
+            old, new = np.load(s1_pred), np.load(stage_dir / "test_predictions.npz")
+            if np.array_equal(old["label"], new["label"]):  # the same evaluation images
+                gain_stats = paired_gain(old["pred"], new["pred"], new["label"])
+    return s1, gain_stats
+
+
+def run_stage3(
+    ctx: StageContext, splits: DatasetSplits | None = None, stage1_top1: Optional[float] = None
+) -> StageResult:
+    cfg = ctx.cfg
+    pseudo_dir = default_pseudo_dir(ctx)
     loaded: dict[str, Any] = {}
 
     def precheck() -> None:  # missing or foreign pseudo images, or a stage 1 that cannot be fine-tuned,
@@ -390,30 +442,8 @@ def run_stage3(
             init_state = loaded.pop("init")
         else:
             init_state = _stage1_init(ctx) if cfg.stage3.init_from_stage1 else None
-        real = sp.train
-        combined = ConcatImageDataset([real, pseudo]) if len(pseudo) else real
-        pseudo_idx = len(real) + np.arange(len(pseudo))
-        labeled_idx = np.concatenate([sp.labeled_idx, pseudo_idx])
-        weight = np.concatenate([np.ones(len(sp.labeled_idx)), pseudo_w]).astype(np.float32)
-        share = None  # stage1-agreement: the pseudo images' share of each labeled batch
-        if cfg.stage3.pseudo_weighting == "stage1-agreement" and len(pseudo):
-            natural = len(pseudo) / (len(sp.labeled_idx) + len(pseudo))  # what a uniform draw gives
-            share = float(filter_info["pseudo_trust"]) * natural
-            filter_info["pseudo_batch_share"] = share
-        semi = cfg.stage3.keep_unlabeled and cfg.stage3.learner in ("freematch", "fixmatch")
-        data = ClassifierData(
-            labeled=combined,
-            labeled_idx=labeled_idx,
-            unlabeled=combined if semi else None,
-            unlabeled_idx=np.arange(len(real)) if semi else None,
-            test=sp.test,
-            num_classes=sp.num_classes,
-            labeled_weight=weight,
-            absolute_weights=cfg.stage3.pseudo_weighting != "uniform",
-            pseudo_share=share,
-            num_real_labeled=len(sp.labeled_idx) if share is not None else None,
-        )
-        counts = np.bincount(pseudo.labels.numpy(), minlength=sp.num_classes)
+        data = _stage3_data(ctx, sp, pseudo, pseudo_w, filter_info)
+        semi = data.unlabeled is not None
         log.info(
             "stage3: %s on %d labeled real + %d pseudo images (%s), %s",
             cfg.stage3.learner,
@@ -424,18 +454,8 @@ def run_stage3(
         )
         fit = fit_learner(cfg.stage3, data, stage_dir, ctx, cfg.run.seed, init_state=init_state)
         atomic_write_json(stage_dir / "history.json", fit.history)
-        s1 = stage1_top1
-        if s1 is None:
-            s1_summary = ctx.stage_dir("stage1") / "summary.json"
-            s1 = read_json(s1_summary).get("top1") if s1_summary.is_file() else None
-        gain_stats = None
-        s1_pred = ctx.stage_dir("stage1") / "test_predictions.npz"
-        if fit.test_top1 is not None:
-            save_test_predictions(stage_dir, fit.model, sp, ctx, cfg.stage3.probe_batch_size)
-            if s1_pred.is_file():
-                old, new = np.load(s1_pred), np.load(stage_dir / "test_predictions.npz")
-                if np.array_equal(old["label"], new["label"]):  # the same evaluation images
-                    gain_stats = paired_gain(old["pred"], new["pred"], new["label"])
+        s1, gain_stats = _gain_over_stage1(ctx, sp, stage_dir, fit, stage1_top1)
+        counts = np.bincount(pseudo.labels.numpy(), minlength=sp.num_classes)
         summary = {
             "learner": cfg.stage3.learner,
             "backbone": cfg.stage3.backbone,
@@ -460,4 +480,4 @@ def run_stage3(
         log.info("stage3: test top-1 %.2f%% (stage 1: %s)", fit.test_top1, s1)
         return summary
 
-    return run_stage(ctx, "stage3", fingerprint, body, precheck=precheck)
+    return run_stage(ctx, "stage3", _stage3_fingerprint(ctx, pseudo_dir), body, precheck=precheck)
