@@ -48,6 +48,74 @@ def sample_output_dir(ctx: StageContext) -> Path:
     return Path(out) if out else ctx.stage_dir("sample") / "samples"
 
 
+def _batch_sampler(ctx: StageContext, splits: DatasetSplits, net: torch.nn.Module, ae: Any) -> BatchSampler:
+    """The sampler of ``sample.*``: DPM-Solver++ on stage 2's schedule, guidance, and in pixel space
+    the clipped data prediction; latent models decode through the autoencoder."""
+    scfg = ctx.cfg.sample
+    schedule = make_schedule(ctx.cfg.stage2.schedule)
+    solver = DPMSolverPP(
+        schedule, steps=scfg.steps, order=scfg.order, method=scfg.method, skip_type=scfg.skip_type
+    )
+    pixel = ctx.cfg.stage2.autoencoder is None
+    return BatchSampler(
+        net,
+        solver,
+        schedule,
+        ae.latent_shape((splits.channels, splits.image_size, splits.image_size)),
+        splits.num_classes,
+        conditional=ctx.cfg.stage2.label_source != "none",
+        guidance_scale=scfg.guidance_scale,
+        seed=scfg.seed,
+        clip=scfg.clip_denoised and pixel,
+        decode=None if pixel else ae.decode,
+        output="latents" if scfg.format == "latents" else "images",
+        device=ctx.device,
+        precision=scfg.precision,
+        cuda_graph=scfg.cuda_graph,
+    )
+
+
+def _generation_config(ctx: StageContext, sampler: BatchSampler, upstream: str | None) -> dict[str, Any]:
+    """What the generated set depends on (the output directory's fingerprint)."""
+    scfg = ctx.cfg.sample
+    return {
+        "stage2": upstream,
+        "checkpoint": getattr(scfg, "checkpoint", None),  # external weights (sample.checkpoint)
+        "steps": scfg.steps,
+        "order": scfg.order,
+        "method": scfg.method,
+        "skip_type": scfg.skip_type,
+        "guidance_scale": scfg.guidance_scale,
+        "clip_denoised": sampler.clip,
+        "precision": sampler.precision,
+        "latent_space": "pixel" if ctx.cfg.stage2.autoencoder is None else "autoencoder",
+        "autoencoder": ctx.cfg.stage2.autoencoder,
+        "latent_shape": list(sampler.shape),
+    }
+
+
+def _grid_and_fid(ctx: StageContext, splits: DatasetSplits, out_dir: Path, ae: Any) -> dict[str, Any]:
+    """Rank 0, after generation: the sample grid (``sample_grid.png``) and, with ``sample.fid``,
+    FID/KID of the generated images against the real training images."""
+    scfg = ctx.cfg.sample
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model_space_to_uint8(ae.decode(z.to(ctx.device))).cpu()
+
+    ds = ShardDataset(out_dir, decode=None if ctx.cfg.stage2.autoencoder is None else decode)
+    per_row = min(scfg.grid_per_class, scfg.images_per_class)
+    pos = [ds.position(c, i) for c in range(splits.num_classes) for i in range(per_row)]
+    save_grid(
+        ds.get_batch(pos),
+        ds.labels[pos],
+        splits.num_classes,
+        per_row,
+        ctx.stage_dir("sample") / "sample_grid.png",
+        class_names=splits.classes,
+    )
+    return _fid(ctx, splits, ds) if scfg.fid else {}
+
+
 def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
     scfg = ctx.cfg.sample
     init_distributed()  # joins the torchrun process group; a no-op for a single process
@@ -67,49 +135,13 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
     def body(stage_dir: Path) -> dict[str, Any]:
         ae = loaded.pop("ae") if "ae" in loaded else load_stage2_autoencoder(ctx, splits)
         net = loaded.pop("net") if "net" in loaded else load_diffusion_model(ctx, splits, ae)
-        conditional = ctx.cfg.stage2.label_source != "none"
-        num_classes = splits.num_classes
-        schedule = make_schedule(ctx.cfg.stage2.schedule)
-        solver = DPMSolverPP(
-            schedule, steps=scfg.steps, order=scfg.order, method=scfg.method, skip_type=scfg.skip_type
-        )
-        shape = ae.latent_shape((splits.channels, splits.image_size, splits.image_size))
-        pixel = ctx.cfg.stage2.autoencoder is None
-        sampler = BatchSampler(
-            net,
-            solver,
-            schedule,
-            shape,
-            num_classes,
-            conditional=conditional,
-            guidance_scale=scfg.guidance_scale,
-            seed=scfg.seed,
-            clip=scfg.clip_denoised and pixel,
-            decode=None if pixel else ae.decode,
-            output="latents" if scfg.format == "latents" else "images",
-            device=ctx.device,
-            precision=scfg.precision,
-            cuda_graph=scfg.cuda_graph,
-        )
+        sampler = _batch_sampler(ctx, splits, net, ae)
         out_dir = sample_output_dir(ctx)
-        gen_config = {
-            "stage2": upstream,
-            "checkpoint": getattr(scfg, "checkpoint", None),  # external weights (sample.checkpoint)
-            "steps": scfg.steps,
-            "order": scfg.order,
-            "method": scfg.method,
-            "skip_type": scfg.skip_type,
-            "guidance_scale": scfg.guidance_scale,
-            "clip_denoised": sampler.clip,
-            "precision": sampler.precision,
-            "latent_space": "pixel" if pixel else "autoencoder",
-            "autoencoder": ctx.cfg.stage2.autoencoder,
-            "latent_shape": list(shape),
-        }
+        gen_config = _generation_config(ctx, sampler, upstream)
         manifest = run_generation(
             sampler,
             out_dir,
-            ShardPlan(num_classes, scfg.images_per_class, scfg.shard_size),
+            ShardPlan(splits.num_classes, scfg.images_per_class, scfg.shard_size),
             gen_config,
             splits.classes,
             format=scfg.format,
@@ -130,31 +162,11 @@ def run_sample(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             "guidance_scale": scfg.guidance_scale,
             "format": scfg.format,
             "output_dir": str(out_dir),
-            "world_size": tp["world_size"],
-            "generated": tp["generated"],
-            "skipped_existing": tp["skipped_existing"],
-            "images_per_s": tp["images_per_s"],
-            "seconds": tp["seconds"],
+            **{k: tp[k] for k in ("world_size", "generated", "skipped_existing", "images_per_s", "seconds")},
         }
         if not dist_info().is_main:
             return summary  # rank 0 draws the grid, computes FID and finishes the stage
-
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return model_space_to_uint8(ae.decode(z.to(ctx.device))).cpu()
-
-        ds = ShardDataset(out_dir, decode=None if pixel else decode)
-        per_row = min(scfg.grid_per_class, scfg.images_per_class)
-        pos = [ds.position(c, i) for c in range(num_classes) for i in range(per_row)]
-        save_grid(
-            ds.get_batch(pos),
-            ds.labels[pos],
-            num_classes,
-            per_row,
-            ctx.stage_dir("sample") / "sample_grid.png",
-            class_names=splits.classes,
-        )
-        if scfg.fid:
-            summary.update(_fid(ctx, splits, ds))
+        summary.update(_grid_and_fid(ctx, splits, out_dir, ae))
         atomic_write_json(stage_dir / "summary.json", summary)
         return summary
 
