@@ -108,3 +108,20 @@ def test_no_stage_imports_another_stage() -> None:
     graph = _graph()
     bad = {s: sorted(graph[s] & (STAGE_MODULES - {s})) for s in STAGE_MODULES}
     assert not any(bad.values()), bad
+
+
+def test_no_function_over_100_lines() -> None:
+    """Long functions hide their steps; Triton ``@jit`` kernel bodies are exempt."""
+    long = []
+    for root in (PKG, PKG.parent / "kernels"):
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    continue
+                if node.end_lineno - node.lineno + 1 > 100:
+                    long.append(
+                        f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                    )
+    assert not long, long

@@ -456,6 +456,82 @@ def _load_images(
 
 
 @torch.no_grad()
+def _wanted_meta(
+    dataset: ImageDataset,
+    autoencoder: BaseAutoencoder,
+    kind: str,
+    dtype: str,
+    flip: bool,
+    chunk_size: int,
+    seed: int,
+    autoencoder_id: Optional[str],
+    source_id: Optional[str],
+) -> dict[str, Any]:
+    """The ``meta.json`` a store of these settings has (an existing store must match it)."""
+    n = len(dataset)
+    num_rows = 2 * n if flip else n
+    latent_shape = list(autoencoder.latent_shape((dataset.channels, dataset.image_size, dataset.image_size)))
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": dtype,
+        "flip": flip,
+        "layout": (
+            "rows [0, N): images; rows [N, 2N): their horizontal flips" if flip else "rows [0, N): images"
+        ),
+        "num_images": n,
+        "num_rows": num_rows,
+        "latent_shape": latent_shape,
+        "array_shape": [num_rows, *([2] if kind == "moments" else []), *latent_shape],
+        "chunk_size": chunk_size,
+        "num_chunks": -(-n // chunk_size),
+        "source": source_id or dataset_identity(dataset),
+        "source_name": getattr(dataset, "name", "") or type(dataset).__name__,
+        "autoencoder": autoencoder_id or autoencoder_identity(autoencoder),
+        "autoencoder_class": type(autoencoder).__name__,
+        "scale_factor": float(autoencoder.scale_factor),
+        "shift_factor": float(autoencoder.shift_factor),
+        "seed": seed,
+        "complete": False,
+    }
+
+
+def _encode_chunk(
+    mm: np.ndarray,
+    dataset: ImageDataset,
+    autoencoder: BaseAutoencoder,
+    lo: int,
+    hi: int,
+    kind: str,
+    flip: bool,
+    batch_size: int,
+    device: str | torch.device,
+    chunk_seed: int,
+) -> list:
+    """Encode images ``[lo, hi)`` (and their flips, rows ``N + i``) into the memory map ``mm``;
+    return the unreadable files skipped. ``kind="sample"`` draws one posterior sample per row from
+    a generator seeded by ``chunk_seed``."""
+    n = len(dataset)
+    g = torch.Generator(device="cpu").manual_seed(chunk_seed)
+    skipped_all: list = []
+    for s in range(lo, hi, batch_size):
+        images, kept, skipped = _load_images(dataset, np.arange(s, min(hi, s + batch_size)))
+        skipped_all += skipped
+        if len(kept) == 0:
+            continue
+        x = uint8_to_model_space(images).to(device)  # (B, C, H, W) in [-1, 1]
+        views = [(kept, x)] + ([(kept + n, x.flip(-1))] if flip else [])
+        for rows, v in views:
+            mean, logvar = autoencoder.encode_moments(v)  # (B, c, h, w) each, raw space
+            if kind == "moments":
+                val = torch.stack([mean, logvar], dim=1)  # (B, 2, c, h, w)
+            else:
+                std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+                val = mean + std * torch.randn(mean.shape, generator=g).to(mean.device, mean.dtype)
+            mm[rows] = val.float().cpu().numpy().astype(mm.dtype)
+    return skipped_all
+
+
 def encode_to_store(
     path: str | os.PathLike,
     dataset: ImageDataset,
@@ -503,32 +579,8 @@ def encode_to_store(
     n = len(dataset)
     if n == 0:
         raise LatentStoreError("cannot encode an empty dataset")
-    num_rows = 2 * n if flip else n
-    latent_shape = list(autoencoder.latent_shape((dataset.channels, dataset.image_size, dataset.image_size)))
-    num_chunks = -(-n // chunk_size)
-    want = {
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "dtype": dtype,
-        "flip": flip,
-        "layout": (
-            "rows [0, N): images; rows [N, 2N): their horizontal flips" if flip else "rows [0, N): images"
-        ),
-        "num_images": n,
-        "num_rows": num_rows,
-        "latent_shape": latent_shape,
-        "array_shape": [num_rows, *([2] if kind == "moments" else []), *latent_shape],
-        "chunk_size": chunk_size,
-        "num_chunks": num_chunks,
-        "source": source_id or dataset_identity(dataset),
-        "source_name": getattr(dataset, "name", "") or type(dataset).__name__,
-        "autoencoder": autoencoder_id or autoencoder_identity(autoencoder),
-        "autoencoder_class": type(autoencoder).__name__,
-        "scale_factor": float(autoencoder.scale_factor),
-        "shift_factor": float(autoencoder.shift_factor),
-        "seed": seed,
-        "complete": False,
-    }
+    want = _wanted_meta(dataset, autoencoder, kind, dtype, flip, chunk_size, seed, autoencoder_id, source_id)
+    num_chunks = want["num_chunks"]
     meta_path = path / META_FILE
     error: Optional[str] = None
     if rank == 0 or not _is_dist():  # without a process group, whichever rank comes first creates it
@@ -560,22 +612,9 @@ def encode_to_store(
     )
     for k in pending_chunks:
         lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
-        g = torch.Generator(device="cpu").manual_seed(_seed_of(seed, k))
-        for s in range(lo, hi, batch_size):
-            images, kept, skipped = _load_images(dataset, np.arange(s, min(hi, s + batch_size)))
-            mine["skipped"] += skipped
-            if len(kept) == 0:
-                continue
-            x = uint8_to_model_space(images).to(device)  # (B, C, H, W) in [-1, 1]
-            views = [(kept, x)] + ([(kept + n, x.flip(-1))] if flip else [])
-            for rows, v in views:
-                mean, logvar = autoencoder.encode_moments(v)  # (B, c, h, w) each, raw space
-                if kind == "moments":
-                    val = torch.stack([mean, logvar], dim=1)  # (B, 2, c, h, w)
-                else:
-                    std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
-                    val = mean + std * torch.randn(mean.shape, generator=g).to(mean.device, mean.dtype)
-                mm[rows] = val.float().cpu().numpy().astype(mm.dtype)
+        mine["skipped"] += _encode_chunk(
+            mm, dataset, autoencoder, lo, hi, kind, flip, batch_size, device, _seed_of(seed, k)
+        )
         mm.flush()  # the chunk's data reaches the file before the progress record says so
         mine["done"] = sorted(set(mine["done"]) | {k})
         atomic_write_json(progress_path, mine)
