@@ -77,7 +77,7 @@ def test_stage1_artifacts_and_skip(tmp_path):
     assert 10.0 < r["stage1"]["top1"] <= 100.0
     assert r["pseudo_labels"]["accuracy"] is not None
     pl = np.load(out / "stage1" / "pseudo_labels.npz")
-    assert len(pl["label"]) == 1297 and pl["labeled"].sum() == 40
+    assert len(pl["label"]) == 1297 and pl["labeled"].sum() == 10  # the preset: 1 label/class
     assert sum(r["pseudo_labels"]["per_class_count"].values()) == 1297
     assert (out / "plots" / "stage1_curves.png").is_file()
     tp = np.load(out / "stage1" / "test_predictions.npz")  # what stage 3's paired gain compares against
@@ -138,7 +138,8 @@ def test_stage3_on_image_folder(tmp_path):
 def test_stage3_warns_when_pseudo_images_are_off_class(tmp_path, caplog):
     """Stage 3 measures how many pseudo images stage 1 puts in their intended class, and warns
     when a generator ignores its labels (the images of class c filed under class c + 1)."""
-    cfg = resolve_config("digits", overrides=[*FAST, "stage1.steps=60"])
+    s1 = [*FAST, "stage1.steps=60", "data.labels_per_class=4"]  # a stage 1 that tells digits apart
+    cfg = resolve_config("digits", overrides=s1)
     splits = build_splits(cfg.data)
     ctx = setup_run(cfg, tmp_path / "run", progress=False)
     run_stage1(ctx, splits)
@@ -146,7 +147,7 @@ def test_stage3_warns_when_pseudo_images_are_off_class(tmp_path, caplog):
     for shift in (0, 1):
         pseudo = tmp_path / f"pseudo{shift}"
         _write_pseudo_folder(pseudo, splits, per_class=20, shift=shift)
-        cfg_s = resolve_config("digits", overrides=[*FAST, "stage1.steps=60", f"stage3.pseudo_dir={pseudo}"])
+        cfg_s = resolve_config("digits", overrides=[*s1, f"stage3.pseudo_dir={pseudo}"])
         caplog.clear()
         with caplog.at_level("INFO", logger="dpt_engine"):
             res = run_stage3(setup_run(cfg_s, tmp_path / "run", progress=False), splits)
