@@ -8,31 +8,17 @@ and keeps the gain on the second."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 
+from benchmarks.quality.stage3_defence import BASE as DEFENCE_BASE
+from benchmarks.quality.stage3_defence import write_generator
 from dpt_engine.config.presets import resolve_config
 from dpt_engine.data import build_splits
 from dpt_engine.pipeline import setup_run
 from dpt_engine.stages.stage1 import run_stage1
 from dpt_engine.stages.stage3 import describe_stage3, run_stage3
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import _write_pseudo_folder
-
-BASE = [
-    "data.labels_per_class=1",
-    "stage1.steps=300",
-    "stage1.eval_every=300",
-    "stage1.checkpoint_every=300",
-    "stage3.steps=150",
-    "stage3.eval_every=150",
-    "stage3.checkpoint_every=150",
-    "run.threads=1",
-]
+BASE = [*DEFENCE_BASE, "run.threads=1"]  # the benchmark's digits setting (1 label/class)
 PLAIN = ["stage3.pseudo_weighting=uniform", "stage3.init_from_stage1=false"]  # DPT as published
 DEFENDED = ["stage3.pseudo_weighting=stage1-agreement", "stage3.init_from_stage1=true"]
 
@@ -43,25 +29,9 @@ def trained(tmp_path_factory):
     cfg = resolve_config("digits", overrides=BASE)
     splits = build_splits(cfg.data)
     s1 = run_stage1(setup_run(cfg, root / "run", progress=False), splits).summary["top1"]
-    for shift in (0, 1):
-        _write_pseudo_folder(root / f"pseudo{shift}", splits, per_class=50, shift=shift)
-    _write_chance_folder(root / "pseudo_chance", splits, per_class=50)
+    for name, kind in (("pseudo0", "perfect"), ("pseudo1", "useless"), ("pseudo_chance", "chance")):
+        write_generator(root / name, splits, kind, per_class=50)
     return root, splits, s1
-
-
-def _write_chance_folder(root: Path, splits, per_class: int) -> None:
-    """A generator at chance level (what 30 stage-2 steps give on Fashion-MNIST): image j of class
-    c filed under class (c + j) mod C, so every folder holds every class alike."""
-    from PIL import Image
-
-    from dpt_engine.data.imagefolder import safe_class_dirname
-
-    labels, n = splits.train.labels.numpy(), len(splits.classes)
-    for c in range(n):
-        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            d = root / safe_class_dirname(splits.classes[(c + j) % n])
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(splits.train[int(i)][0][0].numpy()).save(d / f"{c:04d}_{j:06d}.png")
 
 
 def _stage3(trained, shift: int | str, extra: list[str]) -> dict:
