@@ -1,6 +1,6 @@
 """``dpt bench``: training, sampling and kernel benchmarks with their baselines, in one command.
 
-    dpt bench train|sample|kernels|all [--model PRESET] [--batch N] [--steps N] [--json OUT]
+    dpt bench train|sample|kernels|scale|all [--model PRESET] [--batch N] [--steps N] [--json OUT]
 
 Sections (each runs the existing benchmark's ``main(argv)`` in this process, so every comparison
 is measured interleaved in one run, against a baseline from the same run):
@@ -13,6 +13,9 @@ is measured interleaved in one run, against a baseline from the same run):
   end-to-end generation to PNG files (``bench_generation``: ours vs the original per-class,
   synchronous-PNG loop), with the time split of our generation (network / solver / decode /
   write) from the sampling manifest.
+* ``scale`` (``bench_scale``, not part of ``all``): a million images through the generation path
+  with a ~10k-parameter network: pipeline images/s, memory at 10k / 100k / 1M images, manifest
+  size and rebuild time, disk bytes per image, rerun time, stage 3's read rate.
 * ``kernels``: the micro-benchmarks of ``run_all`` (attention, EMA, solver step, latent store, and
   the CUDA ones on a GPU), ``--quick``-sized unless ``--full``.
 
@@ -49,7 +52,9 @@ from .telemetry import GpuTelemetry
 
 __all__ = ["SECTIONS", "add_arguments", "build_parser", "main", "results_root", "run", "versions"]
 
-SECTIONS = ("train", "sample", "kernels")
+SECTIONS = ("train", "sample", "kernels")  # what `all` runs
+# run on their own only: `scale` pushes a million images through the generation path (~15 min, ~6 GB)
+SOLO_SECTIONS = ("scale",)
 # run_all's micro-benchmarks (the end-to-end ones are the train and sample sections)
 KERNEL_BENCHMARKS = ("attention", "ema", "solver_step", "latent_store", "ema_cuda", "solver_step_cuda")
 # distribution names whose versions every row records (those installed)
@@ -89,7 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``dpt bench`` arguments (shared by ``dpt bench`` and ``python -m benchmarks.bench_cli``)."""
     from dpt_engine.models.uvit import list_uvits
 
-    p.add_argument("what", choices=(*SECTIONS, "all"), help="which benchmarks to run")
+    p.add_argument(
+        "what",
+        choices=(*SECTIONS, *SOLO_SECTIONS, "all"),
+        help="which benchmarks to run (all = train, sample and kernels; scale runs alone)",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -246,6 +255,14 @@ def _section_sample(
     return rows + gen + split
 
 
+def _section_scale(args: argparse.Namespace, out: Path) -> list[dict]:
+    from . import bench_scale
+
+    return bench_scale.main(
+        [*_threads(args), "--json", str(out / "scale.json"), "--png", str(out / "scale.png")]
+    )
+
+
 def _section_kernels(args: argparse.Namespace, device: torch.device, out: Path) -> list[dict]:
     import json
 
@@ -376,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         "train": lambda: _section_train(args, device, out, settings["train"]),
         "sample": lambda: _section_sample(args, device, out, settings["sample"]),
         "kernels": lambda: _section_kernels(args, device, out),
+        "scale": lambda: _section_scale(args, out),
     }
     vers, commit = versions(), commit_hash()
     meta = {

@@ -101,3 +101,22 @@ def test_run_all_quick_writes_every_benchmark(tmp_path):
     text = json.dumps(data)
     for name in ("attention", "ema", "solver_step", "sampler"):
         assert f'"{name}' in text, name
+
+
+def test_scale_benchmark_small_run(tmp_path: Path) -> None:
+    """bench_scale at 2,000 images: every metric present, the rerun generated nothing (it raises
+    otherwise), the reader saw every image, the output folders are gone afterwards."""
+    from benchmarks.bench_scale import main
+
+    rows = main(["--classes", "20", "--per-class", "100", "--shard-size", "100", "--read-images", "500",
+                 "--no-progress", "--out", str(tmp_path / "scratch"), "--json", str(tmp_path / "s.json"),
+                 "--png", str(tmp_path / "s.png")])  # fmt: skip
+    got = {(r["variant"], r["metric"]) for r in rows}
+    for fmt in ("tar", "latents"):
+        for metric in ("throughput", "pipeline_throughput", "peak_rss", "manifest_bytes", "manifest_rebuild",
+                       "disk_bytes_per_image", "rerun", "reader_open", "read_throughput"):  # fmt: skip
+            assert (fmt, metric) in got
+    per_image = {r["variant"]: r["value"] for r in rows if r["metric"] == "disk_bytes_per_image"}
+    assert per_image["latents"] > 4 * 8 * 8 * 4  # float32 4x8x8 latents, plus records
+    assert json.loads((tmp_path / "s.json").read_text()) and (tmp_path / "s.png").stat().st_size > 0
+    assert not list((tmp_path / "scratch").iterdir())

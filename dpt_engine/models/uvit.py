@@ -332,6 +332,14 @@ UVIT_PRESETS: dict[str, UViTConfig] = {
     "uvit-tiny28": _cfg(
         img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=8, num_heads=3, num_classes=10
     ),
+    # ~10k-parameter networks for measuring the generation pipeline around them
+    # (benchmarks/bench_scale.py): 32x32 RGB pixels, and 4x8x8 latents; 1,000 classes
+    "uvit-nano32": _cfg(
+        img_size=32, patch_size=8, in_chans=3, embed_dim=8, depth=1, num_heads=1, num_classes=1000, conv=False
+    ),
+    "uvit-nano8": _cfg(
+        img_size=8, patch_size=4, in_chans=4, embed_dim=8, depth=1, num_heads=1, num_classes=1000, conv=False
+    ),
 }
 
 

@@ -32,7 +32,7 @@ import os
 import tarfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "ShardFormat",
     "completed_shards",
     "encode_image",
+    "iter_shard_records",
     "make_format",
     "record_path",
     "shard_records",
@@ -151,6 +152,7 @@ class ShardFormat(ABC):
             "write_s": write_s,
             **body,
         }
+        testhooks.record_sleep(shard)
         atomic_write_json(record_path(self.out_dir, shard), record)
         return record
 
@@ -287,14 +289,17 @@ def make_format(name: str, *args: Any, **kwargs: Any) -> ShardFormat:
     return FORMATS[name](*args, **kwargs)
 
 
-def shard_records(out_dir: str | os.PathLike, fingerprint: str, plan: ShardPlan) -> dict[int, dict[str, Any]]:
-    """The records of every complete shard (see the module docstring), by shard number."""
+def iter_shard_records(
+    out_dir: str | os.PathLike, fingerprint: str, plan: ShardPlan
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(shard, record) of every complete shard (see the module docstring), in shard order, read
+    one at a time: at a million images holding every record's per-image lists (tar offsets,
+    latent rows) at once would cost hundreds of MB."""
     out_dir = Path(out_dir)
     rec_dir = out_dir / RECORD_DIR
-    out: dict[int, dict[str, Any]] = {}
     if not rec_dir.is_dir():
-        return out
-    for p in sorted(rec_dir.glob("shard-*.json")):
+        return
+    for p in sorted(rec_dir.glob("shard-*.json")):  # zero-padded names: sorted = shard order
         try:
             rec = read_json(p)
             shard = int(rec["shard"])
@@ -311,9 +316,22 @@ def shard_records(out_dir: str | os.PathLike, fingerprint: str, plan: ShardPlan)
                 ok = False
                 break
         if ok:
-            out[shard] = rec
-    return out
+            yield shard, rec
+
+
+def shard_records(
+    out_dir: str | os.PathLike,
+    fingerprint: str,
+    plan: ShardPlan,
+    fields: Sequence[str] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """The records of every complete shard, by shard number; ``fields`` keeps only those keys
+    of each record (the rest is dropped as each record is read)."""
+    return {
+        shard: rec if fields is None else {k: rec[k] for k in fields if k in rec}
+        for shard, rec in iter_shard_records(out_dir, fingerprint, plan)
+    }
 
 
 def completed_shards(out_dir: str | os.PathLike, fingerprint: str, plan: ShardPlan) -> set[int]:
-    return set(shard_records(out_dir, fingerprint, plan))
+    return set(shard_records(out_dir, fingerprint, plan, fields=()))

@@ -36,6 +36,8 @@ class ShardCommitter:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.fmt = fmt
         self.workers = workers
+        # what each committed shard's record says about it, without its per-image lists (a
+        # million images' offsets would otherwise accumulate here for the whole run)
         self.records: list[dict[str, Any]] = []
         self.encode_s = 0.0  # encoder-thread seconds (summed over threads)
         self.write_s = 0.0
@@ -123,7 +125,7 @@ class ShardCommitter:
     def _commit(self, shard: int, pieces: list[EncodedPiece]) -> None:
         record = self.fmt.commit(shard, pieces)
         with self._lock:
-            self.records.append(record)
+            self.records.append({k: record[k] for k in ("shard", "count", "encode_s", "write_s")})
             self.encode_s += record["encode_s"]
             self.write_s += record["write_s"]
 

@@ -23,7 +23,7 @@ import torch
 from ..data.base import ArrayImageDataset, DataError, ImageDataset
 from ..utils.io import read_json
 from ..utils.pixels import model_space_to_uint8
-from .formats import shard_records
+from .formats import iter_shard_records
 from .plan import CONFIG_FILE, ShardPlan
 from .runner import MANIFEST
 
@@ -83,41 +83,28 @@ class ShardDataset(ImageDataset):
         self.plan = plan
         self.format = cfg["config"]["format"]
         self.classes = list(cfg["config"]["classes"])
-        records = shard_records(self.root, cfg["fingerprint"], plan)
-        shards = sorted(records)
-        if self.manifest and len(shards) != plan.num_shards:
-            raise DataError(
-                f"{self.root}: {MANIFEST} lists {plan.num_shards} shards but only {len(shards)} are intact; "
-                "re-run the same `dpt sample` command to regenerate the missing ones"
-            )
         self.decode = decode
         self.decode_batch = decode_batch
         self.latent_space = self.manifest.get("latent_space", cfg["config"].get("latent_space"))
-        cls: list[int] = []
-        idx: list[int] = []
-        self.files: list[str] = []  # per sample: file (relative to root)
-        self.offsets: list[int] = []  # tar: byte offset; latents: row; imagefolder: 0
-        self.sizes: list[int] = []  # tar: byte size
-        for s in shards:
-            rec = records[s]
-            if self.format == "tar":
-                path = rec["files"][0]["path"]
-                for _key, c, i, off, size in rec["members"]:
-                    cls.append(c), idx.append(i), self.files.append(path)
-                    self.offsets.append(off), self.sizes.append(size)
-            elif self.format == "imagefolder":
-                for rel, c, i in rec["entries"]:
-                    cls.append(c), idx.append(i), self.files.append(rel)
-                    self.offsets.append(0), self.sizes.append(0)
-            elif self.format == "latents":
-                path = rec["files"][0]["path"]
-                for row, (c, i) in enumerate(zip(rec["classes"], rec["indices"])):
-                    cls.append(c), idx.append(i), self.files.append(path)
-                    self.offsets.append(row), self.sizes.append(0)
-            else:
-                raise DataError(f"{self.root}: unknown shard format {self.format!r}")
-        self.labels = torch.tensor(cls, dtype=torch.int64)
-        self.indices = torch.tensor(idx, dtype=torch.int64)
+        # the index, as flat arrays (a million samples: ~30 MB, not ~300 MB of Python lists):
+        # per sample its class, index, file (a position in self.paths), and the byte offset / size
+        # in a tar, or the row in a latent shard
+        self.paths: list[str] = []
+        cols: list[np.ndarray] = []  # per shard: (n, 5) int64 = class, index, file, offset, size
+        for _shard, rec in iter_shard_records(self.root, cfg["fingerprint"], plan):
+            cols.append(self._index_record(rec))  # the record's lists are dropped once indexed
+        if self.manifest and len(cols) != plan.num_shards:
+            raise DataError(
+                f"{self.root}: {MANIFEST} lists {plan.num_shards} shards but only {len(cols)} are intact; "
+                "re-run the same `dpt sample` command to regenerate the missing ones"
+            )
+        table = np.concatenate(cols) if cols else np.zeros((0, 5), dtype=np.int64)
+        cls, idx = table[:, 0], table[:, 1]
+        self.file_ids = table[:, 2].astype(np.int32)
+        self.offsets = table[:, 3].copy()
+        self.sizes = table[:, 4].copy()
+        self.labels = torch.from_numpy(cls.copy())
+        self.indices = torch.from_numpy(idx.copy())
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         if len(self) == 0:
@@ -125,6 +112,33 @@ class ShardDataset(ImageDataset):
         else:
             first = self._load([0])[0]
             self.channels, self.image_size = int(first.shape[0]), int(first.shape[1])
+
+    def _index_record(self, rec: dict[str, Any]) -> np.ndarray:
+        """One shard record -> its samples' (class, index, file, offset, size) rows."""
+        if self.format == "tar":
+            self.paths.append(rec["files"][0]["path"])
+            m = np.asarray([row[1:] for row in rec["members"]], dtype=np.int64).reshape(-1, 4)
+            f = np.full(len(m), len(self.paths) - 1, dtype=np.int64)
+            return np.column_stack([m[:, 0], m[:, 1], f, m[:, 2], m[:, 3]])
+        if self.format == "imagefolder":
+            rows = []
+            for rel, c, i in rec["entries"]:
+                self.paths.append(rel)
+                rows.append((c, i, len(self.paths) - 1, 0, 0))
+            return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+        if self.format == "latents":
+            self.paths.append(rec["files"][0]["path"])
+            n = len(rec["classes"])
+            return np.column_stack([
+                np.asarray(rec["classes"], dtype=np.int64), np.asarray(rec["indices"], dtype=np.int64),
+                np.full(n, len(self.paths) - 1, dtype=np.int64), np.arange(n, dtype=np.int64),
+                np.zeros(n, dtype=np.int64),
+            ]).reshape(-1, 5)  # fmt: skip
+        raise DataError(f"{self.root}: unknown shard format {self.format!r}")
+
+    def file(self, k: int) -> str:
+        """The file (relative to the root) holding sample ``k``."""
+        return self.paths[int(self.file_ids[k])]
 
     # -- pickling (DataLoader workers open their own files) -----------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -157,7 +171,7 @@ class ShardDataset(ImageDataset):
         """Float latents (B, c, h, w) at ``idx`` (latents format only)."""
         if self.format != "latents":
             raise DataError(f"{self.root} holds {self.format} shards, not latents")
-        rows = [np.asarray(self._handle(self.files[k])[self.offsets[k]]) for k in idx]
+        rows = [np.asarray(self._handle(self.file(k))[self.offsets[k]]) for k in idx]
         return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0)
 
     def _load(self, idx: Sequence[int]) -> list[torch.Tensor]:
@@ -170,12 +184,12 @@ class ShardDataset(ImageDataset):
                     out += list(dec(self.latents(idx[s : s + self.decode_batch])).cpu())
             return out
         if self.format == "imagefolder":
-            return [_decode_image((self.root / self.files[k]).read_bytes(), ch) for k in idx]
+            return [_decode_image((self.root / self.file(k)).read_bytes(), ch) for k in idx]
         images = []
         for k in idx:
-            f = self._handle(self.files[k])
-            f.seek(self.offsets[k])
-            images.append(_decode_image(f.read(self.sizes[k]), ch))
+            f = self._handle(self.file(k))
+            f.seek(int(self.offsets[k]))
+            images.append(_decode_image(f.read(int(self.sizes[k])), ch))
         return images
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
@@ -199,12 +213,12 @@ class ShardDataset(ImageDataset):
         return self._pos[(int(cls), int(index))]
 
     def subset(self, idx: np.ndarray | torch.Tensor | Sequence[int]) -> ShardDataset:
-        sel = [int(i) for i in np.asarray(idx).reshape(-1)]
+        sel = np.asarray(idx, dtype=np.int64).reshape(-1)
         out = copy.copy(self)
         out._handles = {}
-        out.files = [self.files[k] for k in sel]
-        out.offsets = [self.offsets[k] for k in sel]
-        out.sizes = [self.sizes[k] for k in sel]
+        out.file_ids = self.file_ids[sel]
+        out.offsets = self.offsets[sel]
+        out.sizes = self.sizes[sel]
         out.labels = self.labels[sel].clone()
         out.indices = self.indices[sel].clone()
         out.__dict__.pop("_pos", None)
@@ -221,7 +235,7 @@ class ShardDataset(ImageDataset):
         )
 
     def describe(self, k: int) -> str:
-        return f"{self.files[int(k)]}#{self.plan.key(int(self.labels[int(k)]), int(self.indices[int(k)]))}"
+        return f"{self.file(int(k))}#{self.plan.key(int(self.labels[int(k)]), int(self.indices[int(k)]))}"
 
     def __repr__(self) -> str:
         return f"ShardDataset(root={str(self.root)!r}, format={self.format!r}, n={len(self)})"

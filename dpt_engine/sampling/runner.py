@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..utils import testhooks
 from ..utils.dist import barrier, broadcast_object, dist_info
 from ..utils.io import atomic_write_json
 from .formats import RECORD_DIR, ShardFormat, make_format, shard_records
@@ -66,7 +67,7 @@ def prepare_output(out_dir: Path, config: dict[str, Any], plan: ShardPlan) -> tu
             removed = _remove_stale_temporaries(Path(out_dir))
             if removed:
                 log.info("sampling: removed %d temporary files of an interrupted run", removed)
-            done = shard_records(out_dir, fp, plan)
+            done = shard_records(out_dir, fp, plan, fields=())
             pending = [s for s in range(plan.num_shards) if s not in done]
             if done:
                 log.info(
@@ -199,7 +200,10 @@ def assemble_manifest(
     extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Rebuild ``manifest.json`` from the shard records; raises if any shard is missing."""
-    records = shard_records(out_dir, fingerprint, plan)
+    # counts and files only: the per-image lists of a million images stay on disk
+    records = shard_records(
+        out_dir, fingerprint, plan, fields=("count", "class_counts", "files", "format", "image_ext")
+    )
     missing = [s for s in range(plan.num_shards) if s not in records]
     if missing:
         raise RuntimeError(
@@ -248,6 +252,7 @@ def assemble_manifest(
         },
         **(extra or {}),
     }
+    testhooks.manifest_sleep()
     atomic_write_json(Path(out_dir) / MANIFEST, manifest)
     return manifest
 

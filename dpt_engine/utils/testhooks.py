@@ -10,6 +10,10 @@ place that honours it; unset, every hook does nothing.
   rank's files are written and before the rename.
 * ``DPT_TEST_SHARD_WRITE_SLEEP=SHARD:SECONDS``: ``sampling.formats`` sleeps half-way through
   writing that shard's data.
+* ``DPT_TEST_RECORD_SLEEP=SHARD:SECONDS``: ``sampling.formats`` sleeps after that shard's data is
+  in place and before its record is written.
+* ``DPT_TEST_MANIFEST_SLEEP=SECONDS``: ``sampling.runner`` sleeps in the manifest rebuild, after
+  reading the shard records and before writing ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import time
 __all__ = [
     "INTERRUPT_AT_STEP_ENV",
     "SAVE_DELAY_ENV",
+    "MANIFEST_SLEEP_ENV",
+    "RECORD_SLEEP_ENV",
     "SHARD_WRITE_SLEEP_ENV",
     "interrupt_at_step",
+    "manifest_sleep",
+    "record_sleep",
     "save_delay",
     "shard_write_sleep",
 ]
@@ -29,6 +37,8 @@ __all__ = [
 INTERRUPT_AT_STEP_ENV = "DPT_TEST_INTERRUPT_AT_STEP"
 SAVE_DELAY_ENV = "DPT_TEST_SAVE_DELAY"
 SHARD_WRITE_SLEEP_ENV = "DPT_TEST_SHARD_WRITE_SLEEP"
+RECORD_SLEEP_ENV = "DPT_TEST_RECORD_SLEEP"
+MANIFEST_SLEEP_ENV = "DPT_TEST_MANIFEST_SLEEP"
 
 
 def interrupt_at_step() -> int:
@@ -55,3 +65,15 @@ def shard_write_sleep(shard: int) -> None:
     """``DPT_TEST_SHARD_WRITE_SLEEP=SHARD:SECONDS``: pause while ``shard`` is half written, so a
     test can kill the process mid-write."""
     _sleep_if_at(SHARD_WRITE_SLEEP_ENV, shard)
+
+
+def record_sleep(shard: int) -> None:
+    """``DPT_TEST_RECORD_SLEEP=SHARD:SECONDS``: pause between ``shard``'s data and its record."""
+    _sleep_if_at(RECORD_SLEEP_ENV, shard)
+
+
+def manifest_sleep() -> None:
+    """``DPT_TEST_MANIFEST_SLEEP=SECONDS``: pause inside the manifest rebuild."""
+    seconds = os.environ.get(MANIFEST_SLEEP_ENV, "")
+    if seconds:
+        time.sleep(float(seconds))
