@@ -14,7 +14,9 @@ Reported per format:
   the network forward (``images / (wall - network seconds)``; target >= 2,000 for 32x32 PNG tar
   shards on a 2-core CPU, so a GPU that makes small images far faster is not kept waiting);
 * ``peak_rss`` after 10k / 100k / 1M images (a sampling thread reads ``VmRSS`` every 0.2 s; the
-  peak up to the moment the count is reached): it must stay flat, nothing per image is kept;
+  peak up to the moment the count is reached) and ``median_rss`` between 5k-10k, 50k-100k and
+  500k-1M images (the level without the bounded queues' momentary peaks): both must stay flat,
+  nothing per image is kept; the trace is in the JSON (``rss_trace`` rows) and the chart;
 * ``manifest_bytes`` and ``manifest_rebuild``: the size of ``manifest.json`` and the seconds to
   rebuild it from the shard records;
 * ``disk_bytes_per_image``: every byte under the output directory (shards, records, manifest)
@@ -126,6 +128,12 @@ class _RssMonitor:
     def peak_until(self, n: int) -> int:
         return max((r for d, r in self.trace if d <= n), default=0)
 
+    def median_between(self, lo: int, hi: int) -> int:
+        """Median RSS while ``lo < images done <= hi`` (the level, without the bounded queues'
+        momentary peaks)."""
+        xs = sorted(r for d, r in self.trace if lo < d <= hi)
+        return xs[len(xs) // 2] if xs else 0
+
 
 class _CountingSampler:
     """The batch sampler, counting the images it has produced for the RSS monitor."""
@@ -223,6 +231,8 @@ def run_format(fmt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "throughput": n / wall,
         "pipeline_throughput": n / max(wall - network, 1e-9),
         "peak_rss": {c: mon.peak_until(c) for c in CHECKPOINTS if c <= n} | {n: mon.peak_until(n)},
+        "median_rss": {c: mon.median_between(c // 2, c) for c in CHECKPOINTS if c <= n}
+        | {n: mon.median_between(n // 2, n)},
         "rss_trace": mon.trace[:: max(1, len(mon.trace) // 400)],
         "manifest_bytes": (out / MANIFEST).stat().st_size,
         "manifest_rebuild_s": rebuild,
@@ -242,6 +252,9 @@ def _rows(fmt: str, r: dict[str, Any], config: dict[str, Any]) -> list[Row]:
     ]
     for n, rss in r["peak_rss"].items():
         rows.append(Row(BENCHMARK, fmt, "peak_rss", rss / 2**20, "MiB", config={**cfg, "after_images": n}))
+    for n, rss in r["median_rss"].items():
+        window = {**cfg, "between_images": [n // 2, n]}
+        rows.append(Row(BENCHMARK, fmt, "median_rss", rss / 2**20, "MiB", config=window))
     rows += [
         Row(BENCHMARK, fmt, "manifest_bytes", r["manifest_bytes"], "bytes", config=cfg),
         Row(BENCHMARK, fmt, "manifest_rebuild", r["manifest_rebuild_s"], "s", config=cfg),
@@ -250,6 +263,14 @@ def _rows(fmt: str, r: dict[str, Any], config: dict[str, Any]) -> list[Row]:
         Row(BENCHMARK, fmt, "reader_open", r["open_s"], "s", config=cfg),
         Row(BENCHMARK, fmt, "reader_index_memory", r["index_rss"] / 2**20, "MiB", config=cfg),
         Row(BENCHMARK, fmt, "read_throughput", r["read_throughput"], "img/s", config=cfg),
+        Row(
+            BENCHMARK,
+            fmt,
+            "rss_trace",
+            len(r["rss_trace"]),
+            "samples",
+            config={**cfg, "trace": [[d, round(b / 2**20, 1)] for d, b in r["rss_trace"]]},
+        ),
     ]
     return rows
 

@@ -114,7 +114,7 @@ def test_scale_benchmark_small_run(tmp_path: Path) -> None:
     got = {(r["variant"], r["metric"]) for r in rows}
     for fmt in ("tar", "latents"):
         for metric in ("throughput", "pipeline_throughput", "peak_rss", "manifest_bytes", "manifest_rebuild",
-                       "disk_bytes_per_image", "rerun", "reader_open", "read_throughput"):  # fmt: skip
+                       "disk_bytes_per_image", "rerun", "reader_open", "read_throughput", "median_rss"):  # fmt: skip
             assert (fmt, metric) in got
     per_image = {r["variant"]: r["value"] for r in rows if r["metric"] == "disk_bytes_per_image"}
     assert per_image["latents"] > 4 * 8 * 8 * 4  # float32 4x8x8 latents, plus records
