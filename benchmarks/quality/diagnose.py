@@ -108,8 +108,27 @@ def diagnose_run(run_dir: Path, oracle: torch.nn.Module) -> dict[str, Any]:
         s3_test = predict_proba(s3, splits.test).argmax(1).numpy()
         rec["stage3_test_top1"] = float((s3_test == test_labels).mean() * 100.0)
         rec["stage3_test_per_class"] = _per_class_acc(s3_test, test_labels, nc)
+    rec.update(_label_precision(s1_dir / "pseudo_labels.npz", nc))
     rec["classes"] = list(splits.classes)
     return rec
+
+
+def _label_precision(path: Path, nc: int, thresholds: tuple[float, ...] = (0.0, 0.95)) -> dict[str, Any]:
+    """What stage 2 is conditioned on: per class, the share of the training images stage 1 labels
+    c that truly are c (the stage-1 pseudo-labels' precision, from the training set's labels), for
+    all images and for those above a confidence threshold (``stage2.confidence_threshold``).
+    Diagnosis only: nothing is chosen from it."""
+    if not path.is_file():
+        return {}
+    z = np.load(path)
+    label, conf, true = z["label"], z["confidence"], z["true_label"]
+    out: dict[str, Any] = {"label_precision": {}}
+    for th in thresholds:
+        keep = conf >= th
+        prec = [float((true[keep & (label == c)] == c).mean() * 100.0) if (keep & (label == c)).any()
+                else float("nan") for c in range(nc)]  # fmt: skip
+        out["label_precision"][f"{th:g}"] = {"kept": float(keep.mean() * 100.0), "per_class": prec}
+    return out
 
 
 def checkpoint_sweep(
@@ -182,6 +201,28 @@ def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
                 f"(fid. {r['class_fidelity_per_class'][c]:.0f})"
                 for r in per
             ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    prec = [r for r in recs if r.get("label_precision")]
+    if prec:
+        ths = list(prec[0]["label_precision"])
+        lines += [
+            "",
+            "What stage 2 learns each class from: the precision (%) of stage 1's pseudo-labels per class on "
+            "the training images, all of them and those at confidence >= " + ths[-1] + " (kept share in "
+            "the header). Where stage 1 is confidently wrong (low precision at both), the generator draws "
+            "stage 1's belief and stage 3 cannot learn better from it; a confidence threshold does not help.",
+            "",
+            "| class | "
+            + " | ".join(
+                f"{r['run']} all / >= {ths[-1]} ({r['label_precision'][ths[-1]]['kept']:.0f}% kept)"
+                for r in prec
+            )
+            + " |",
+            "| --- | " + " | ".join("---" for _ in prec) + " |",
+        ]
+        for c, name in enumerate(prec[0]["classes"]):
+            cells = [" / ".join(f"{r['label_precision'][t]['per_class'][c]:.0f}" for t in (ths[0], ths[-1]))
+                     for r in prec]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
