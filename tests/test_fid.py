@@ -148,7 +148,8 @@ def _synthetic_features(n: int, d: int, shift: float, seed: int) -> np.ndarray:
 
 
 def test_frechet_reference_fast_and_torch_fidelity_agree() -> None:
-    """d=64 keeps scipy's sqrtm fast; both full-rank (n > d) and singular (n < d) covariances."""
+    """The fast exact FID against torch-fidelity's (the reference, which ``frechet_distance`` calls);
+    d=64, both full-rank (n > d) and singular (n < d) covariances."""
     for n1, n2 in ((300, 200), (20, 30)):
         s1 = F.FeatureStats.from_features(_synthetic_features(n1, 64, 0.0, 1))
         s2 = F.FeatureStats.from_features(_synthetic_features(n2, 64, 0.2, 2))
