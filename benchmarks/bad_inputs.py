@@ -303,7 +303,7 @@ def cases() -> list[Case]:
         C("DPT_KERNELS cuda on a CPU", ["run", *fin], env={"DPT_KERNELS": "ema=cuda"}),
         C("DPT_KERNELS bad syntax", ["run", *fin], env={"DPT_KERNELS": "ema=,,=x"}),
         C(
-            "DPT_IMAGE_BACKEND bogus",
+            "DPT_IMAGE_DECODER bogus",
             [
                 "run",
                 *fin,
@@ -312,7 +312,7 @@ def cases() -> list[Case]:
                 "data.labels_per_class=1",
                 "data.max_unreadable=0.5",
             ],
-            env={"DPT_IMAGE_BACKEND": "bogus"},
+            env={"DPT_IMAGE_DECODER": "bogus"},
         ),
     ]
     # -- commands on a fresh directory (the upstream stage is missing)

@@ -65,13 +65,12 @@ def _check_environment(device: torch.device) -> None:
     """Environment variables that choose implementations are checked before any work."""
     import os
 
-    from .data.dali_input import ENV_BACKEND
-    from .data.dali_input import resolve_backend as resolve_image_backend
+    from .data.dali_input import ENV_DECODER, resolve_image_decoder
     from .kernels.dispatch import check_env
 
     check_env(device.type)
-    if os.environ.get(ENV_BACKEND, "").strip():
-        resolve_image_backend()
+    if os.environ.get(ENV_DECODER, "").strip():
+        resolve_image_decoder()
 
 
 def setup_run(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> StageContext:

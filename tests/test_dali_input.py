@@ -28,7 +28,7 @@ from dpt_engine.data.dali_input import (
     decode_pil,
     load_images,
     probe_image,
-    resolve_backend,
+    resolve_image_decoder,
 )
 from dpt_engine.data.idx import FASHION_MNIST_DEFAULT_ROOT
 
@@ -128,7 +128,7 @@ def test_probe_catches_broken_headers_and_truncation(tree) -> None:
 def test_backends_identical_without_resize(tmp_path: Path, channels: int) -> None:
     files = _write_tree(tmp_path, n=12, sizes=[(32, 32)])
     out = {
-        be: load_images(files, image_size=32, resize=False, channels=channels, batch_size=5, backend=be)[0]
+        be: load_images(files, image_size=32, resize=False, channels=channels, batch_size=5, decoder=be)[0]
         for be in ("dali", "pil")
     }
     assert out["dali"].images.shape == (12, channels, 32, 32)
@@ -142,8 +142,8 @@ def test_backends_identical_without_resize(tmp_path: Path, channels: int) -> Non
 @pytest.mark.parametrize(("channels", "size"), [(3, 24), (3, 48), (1, 32)])
 def test_backends_agree_within_resize_tolerance(tree, channels: int, size: int) -> None:
     _, files, _ = tree
-    dali, skipped_d = load_images(files, image_size=size, channels=channels, batch_size=8, backend="dali")
-    pil, skipped_p = load_images(files, image_size=size, channels=channels, batch_size=8, backend="pil")
+    dali, skipped_d = load_images(files, image_size=size, channels=channels, batch_size=8, decoder="dali")
+    pil, skipped_p = load_images(files, image_size=size, channels=channels, batch_size=8, decoder="pil")
     assert not skipped_d and not skipped_p
     assert torch.equal(dali.indices, pil.indices) and dali.images.shape == (len(files), channels, size, size)
     d = _diff(dali.images, pil.images)
@@ -155,22 +155,22 @@ def test_backends_agree_within_resize_tolerance(tree, channels: int, size: int) 
         assert torch.equal(pil.images[i], decode_pil(Path(files[i]).read_bytes(), channels, g))
 
 
-@pytest.mark.parametrize("backend", ["dali", "pil"])
-def test_broken_files_are_skipped_and_counted(tree, backend: str) -> None:
+@pytest.mark.parametrize("decoder", ["dali", "pil"])
+def test_broken_files_are_skipped_and_counted(tree, decoder: str) -> None:
     root, _, broken = tree
     all_files = _all_files(root)
-    loader = ImageLoader(all_files, image_size=32, batch_size=6, backend=backend, rank=0, world_size=1)
+    loader = ImageLoader(all_files, image_size=32, batch_size=6, decoder=decoder, rank=0, world_size=1)
     got = list(loader)
     kept = torch.cat([b.indices for b in got]).tolist()
     skipped = {Path(s.path).name: s.reason for s in loader.skipped}
-    assert set(skipped) == set(broken)  # the same four files, whichever backend
+    assert set(skipped) == set(broken)  # the same four files, whichever decoder
     assert "truncated" in skipped["t_truncated.jpg"] and "empty" in skipped["t_empty.png"]
     assert "cannot decode" in skipped["t_baddata.png"]
     assert sorted(kept) == [i for i, f in enumerate(all_files) if Path(f).name not in broken]
     assert sum(len(b) for b in got) == len(all_files) - 4
     gif = all_files.index(str(root / "c1" / "z_anim.gif"))
     assert gif in kept
-    if backend == "dali":
+    if decoder == "dali":
         assert loader.pil_fallbacks == []  # the GIF goes to PIL by format, no failed DALI run needed
     with pytest.raises(DataError, match=r"t_baddata\.png"):
         loader.load([all_files.index(str(root / "c0" / "t_baddata.png")), 0], on_error="raise")
@@ -182,7 +182,7 @@ def test_training_crops_shards_and_backends(tree) -> None:
     shards = {}
     for be in ("dali", "pil"):
         for rank in range(3):
-            loader = ImageLoader(files, backend=be, rank=rank, world_size=3, **kw)
+            loader = ImageLoader(files, decoder=be, rank=rank, world_size=3, **kw)
             loader.set_epoch(2)
             shards[be, rank] = list(loader)
     for rank in range(3):
@@ -193,24 +193,24 @@ def test_training_crops_shards_and_backends(tree) -> None:
     idx = [torch.cat([b.indices for b in shards["pil", r]]) for r in range(3)]
     assert {len(i) for i in idx} == {11}  # 32 files padded to 33
     assert set(torch.cat(idx).tolist()) == set(range(len(files)))
-    other = ImageLoader(files, backend="pil", rank=0, world_size=3, **kw)
+    other = ImageLoader(files, decoder="pil", rank=0, world_size=3, **kw)
     other.set_epoch(3)
     assert not torch.equal(next(iter(other)).indices, shards["pil", 0][0].indices)
-    # crops differ from the center crop but keep the geometry shared by the backends
-    center = load_images(files, image_size=24, backend="pil")[0].images
+    # crops differ from the center crop but keep the geometry shared by the decoders
+    center = load_images(files, image_size=24, decoder="pil")[0].images
     first = shards["pil", 0][0]
     assert not torch.equal(first.images, center[first.indices])
 
 
-@pytest.mark.parametrize("backend", ["dali", "pil"])
-def test_folder_dataset_bulk_reads(tree, backend: str) -> None:
+@pytest.mark.parametrize("decoder", ["dali", "pil"])
+def test_folder_dataset_bulk_reads(tree, decoder: str) -> None:
     root, _, broken = tree
-    ds = FolderImageDataset.from_tree(root, ["c0", "c1"], channels=3, image_size=32, backend=backend)
+    ds = FolderImageDataset.from_tree(root, ["c0", "c1"], channels=3, image_size=32, decoder=decoder)
     good = [i for i, p in enumerate(ds.paths) if Path(p).name not in broken]
     bulk = ds.get_batch(good)  # >= BULK_MIN images: the bulk loader
     single = torch.stack([ds[i][0] for i in good])  # PIL, one by one
     d = _diff(bulk, single)
-    if backend == "pil":
+    if decoder == "pil":
         assert torch.equal(bulk, single)
     assert float(d.float().mean()) <= RESIZE_TOLERANCE_MEAN and int(d.max()) <= RESIZE_TOLERANCE_MAX
     with pytest.raises(DataError, match=r"4 unreadable image\(s\).*t_") as e:
@@ -230,7 +230,7 @@ def test_forked_workers_after_dali_do_not_crash(tree) -> None:
     from dpt_engine.data import iterate_batches
 
     root, _, broken = tree
-    ds = FolderImageDataset.from_tree(root, ["c0", "c1"], channels=3, image_size=32, backend="dali")
+    ds = FolderImageDataset.from_tree(root, ["c0", "c1"], channels=3, image_size=32, decoder="dali")
     good = np.array([i for i, p in enumerate(ds.paths) if Path(p).name not in broken])
     parent = ds.get_batch(good)  # a DALI pipeline runs in this process
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -243,23 +243,23 @@ def test_forked_workers_after_dali_do_not_crash(tree) -> None:
 
 
 def test_backend_choice(monkeypatch) -> None:
-    monkeypatch.setenv("DPT_IMAGE_BACKEND", "pil")
-    assert resolve_backend() == "pil" and resolve_backend("dali") == "dali"  # explicit wins
-    monkeypatch.setenv("DPT_IMAGE_BACKEND", "auto")
-    assert resolve_backend() == "dali"  # DALI is installed here
-    monkeypatch.setenv("DPT_IMAGE_BACKEND", "nvjpeg")
-    with pytest.raises(ValueError, match=r"DPT_IMAGE_BACKEND='nvjpeg'.*auto, dali, pil"):
-        resolve_backend()
+    monkeypatch.setenv("DPT_IMAGE_DECODER", "pil")
+    assert resolve_image_decoder() == "pil" and resolve_image_decoder("dali") == "dali"  # explicit wins
+    monkeypatch.setenv("DPT_IMAGE_DECODER", "auto")
+    assert resolve_image_decoder() == "dali"  # DALI is installed here
+    monkeypatch.setenv("DPT_IMAGE_DECODER", "nvjpeg")
+    with pytest.raises(ValueError, match=r"DPT_IMAGE_DECODER='nvjpeg'.*auto, dali, pil"):
+        resolve_image_decoder()
     with pytest.raises(ValueError, match="cuda"):
-        ImageLoader(["x.png"], image_size=8, backend="pil", device="cuda", rank=0, world_size=1)
+        ImageLoader(["x.png"], image_size=8, decoder="pil", device="cuda", rank=0, world_size=1)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG 'mixed' decoding)")
 def test_mixed_decoder_on_gpu(tree) -> None:  # pragma: no cover - GPU machines only
     _, files, _ = tree
-    cpu = load_images(files, image_size=32, backend="dali")[0]
-    gpu = load_images(files, image_size=32, backend="dali", device="cuda")[0]
+    cpu = load_images(files, image_size=32, decoder="dali")[0]
+    gpu = load_images(files, image_size=32, decoder="dali", device="cuda")[0]
     assert gpu.images.is_cuda and torch.equal(gpu.indices, cpu.indices)
     d = _diff(gpu.images.cpu(), cpu.images)  # nvJPEG's IDCT differs from libjpeg-turbo's slightly
     assert float(d.float().mean()) <= RESIZE_TOLERANCE_MEAN and int(d.max()) <= RESIZE_TOLERANCE_MAX
@@ -271,7 +271,7 @@ def test_truncated_png_and_unreadable_path(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
     missing = str(tmp_path / "gone.png")
     listing = [*files, str(tmp_path / "cut.png"), missing]
-    batch, skipped = load_images(listing, image_size=16, backend="dali")
+    batch, skipped = load_images(listing, image_size=16, decoder="dali")
     assert batch.indices.tolist() == [0, 1, 2]
     reasons = {Path(s.path).name: s.reason for s in skipped}
     assert set(reasons) == {"cut.png", "gone.png"} and "cannot read" in reasons["gone.png"]

@@ -120,7 +120,7 @@ def test_features_shapes_grayscale_and_backends_agree() -> None:
     assert (
         f_grey.dtype == torch.float32 and torch.isfinite(f_rgb).all() and (f_rgb >= 0).all()
     )  # post-ReLU pool
-    ts = F.load_inception(backend="torchscript")
+    ts = F.load_inception(implementation="torchscript")
     torch.testing.assert_close(
         F.extract_features(grey.expand(-1, 3, -1, -1), model=ts), f_grey, rtol=1e-4, atol=1e-4
     )
@@ -133,8 +133,8 @@ def test_bad_inputs_are_rejected() -> None:
         F.extract_features(torch.rand(2, 3, 8, 8))
     with pytest.raises(ValueError, match="1 or 3 channels"):
         F.extract_features(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="backend"):
-        F.load_inception(backend="onnx")
+    with pytest.raises(ValueError, match="implementation"):
+        F.load_inception(implementation="onnx")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def test_folder_source_skips_corrupt_image(tmp_path: Path, ae: LatentAutoencoder
     bad = root / "0" / "zz_bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     ds = FolderImageDataset.from_tree(
-        root, [str(c) for c in range(10)], channels=1, image_size=8, backend="pil"
+        root, [str(c) for c in range(10)], channels=1, image_size=8, decoder="pil"
     )
     k = ds.paths.index("0/zz_bad.png")
     store = encode_to_store(tmp_path / "s", ds, ae, chunk_size=4, progress=False)

@@ -13,7 +13,7 @@ from .base import (
     iterate_batches,
 )
 from .cifar import CIFAR10_CLASSES, SafeUnpickler, load_cifar10, read_cifar_batch, safe_pickle_load
-from .dali_input import ImageBatch, ImageLoader, SkippedImage, load_images, resolve_backend
+from .dali_input import ImageBatch, ImageLoader, SkippedImage, load_images, resolve_image_decoder
 from .digits import DIGITS_CLASSES, load_digits
 from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DEFAULT_ROOT, MNIST_CLASSES, load_mnist_like, read_idx
 from .imagefolder import (
@@ -70,7 +70,7 @@ __all__ = [
     "read_index_file",
     "read_subset_file",
     "register_dataset",
-    "resolve_backend",
+    "resolve_image_decoder",
     "safe_class_dirname",
     "safe_pickle_load",
     "scan_image_folder",

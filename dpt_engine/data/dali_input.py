@@ -1,20 +1,20 @@
 """Bulk image input: a DALI pipeline (CPU here, nvJPEG ``mixed`` decoding on GPUs) and a PIL fallback.
 
-Both backends turn image files into the project's layout, uint8 ``(B, C, S, S)`` tensors, through
+Both decoders turn image files into the project's layout, uint8 ``(B, C, S, S)`` tensors, through
 the *same* per-image geometry computed in Python (:class:`Geometry`): an optional crop box of the
 decoded image, a resize, a crop of the resized image and an optional horizontal flip. The eval
 geometry is the one :class:`~dpt_engine.data.imagefolder.FolderImageDataset` has always used
 (shorter side -> ``size`` with antialiased bicubic, then a center crop with ``(n - size) // 2``
 offsets); the training geometry is a random resized crop plus a random flip, drawn from a generator
-seeded by ``(seed, epoch, image index)`` so every rank, batch size and backend sees the same crops.
+seeded by ``(seed, epoch, image index)`` so every rank, batch size and decoder sees the same crops.
 
 Why DALI is fed through ``external_source`` rather than ``fn.readers.file``: Python reads each
 file's bytes and header (cheap, done on a prefetch thread), so the geometry, the order (shuffling
-and rank sharding) and the handling of broken files are identical for both backends, and one
+and rank sharding) and the handling of broken files are identical for both decoders, and one
 pipeline serves any list of indices (``FolderImageDataset.get_batch``) without being rebuilt.
 DALI still does the expensive part: decoding (nvJPEG on a GPU), resizing, cropping and flipping.
 
-What agrees between the backends (checked by ``tests/test_dali_input.py`` on real Fashion-MNIST
+What agrees between the decoders (checked by ``tests/test_dali_input.py`` on real Fashion-MNIST
 images written as JPEG and PNG):
 
 * no resizing (image already ``size`` x ``size``): bit-identical for PNG and JPEG (both decode with
@@ -26,12 +26,12 @@ images written as JPEG and PNG):
 
 Broken files never stop a run: every file is first probed (PIL reads the header; JPEG and PNG must
 also end with their end marker, which catches truncated downloads cheaply). A probe failure, or a
-decode failure of either backend, skips the file and records it in :attr:`ImageLoader.skipped`
+decode failure of either decoder, skips the file and records it in :attr:`ImageLoader.skipped`
 (index, path, reason); DALI raises for a whole batch when one file is bad, so the batch is then
 re-decoded file by file (on a fresh pipeline: an error invalidates the old one) to isolate it, and a
 file DALI cannot decode but PIL can (e.g. GIF) is decoded by PIL instead.
 
-Backend choice: an explicit ``backend=`` argument, then ``DPT_IMAGE_BACKEND=auto|dali|pil``, then
+Decoder choice: an explicit ``decoder=`` argument, then ``DPT_IMAGE_DECODER=auto|dali|pil``, then
 ``auto`` (DALI when ``nvidia.dali`` imports, else PIL). ``dali`` without DALI installed raises with
 the install command; the choice is logged once.
 """
@@ -56,8 +56,8 @@ import torch
 from .base import DataError
 
 __all__ = [
-    "BACKENDS",
-    "ENV_BACKEND",
+    "DECODERS",
+    "ENV_DECODER",
     "RESIZE_TOLERANCE_MAX",
     "RESIZE_TOLERANCE_MEAN",
     "CorruptImageError",
@@ -71,14 +71,14 @@ __all__ = [
     "load_images",
     "probe_image",
     "random_resized_geometry",
-    "resolve_backend",
+    "resolve_image_decoder",
 ]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dali", "pil")
-ENV_BACKEND = "DPT_IMAGE_BACKEND"
-# Agreement of the two backends when images are resized (uint8 levels). Both use Keys' cubic
+DECODERS = ("auto", "dali", "pil")
+ENV_DECODER = "DPT_IMAGE_DECODER"
+# Agreement of the two decoders when images are resized (uint8 levels). Both use Keys' cubic
 # (a = -0.5), widened by the scale when shrinking, in two separable passes; PIL clips and rounds
 # the first pass to uint8, DALI keeps it in float. Away from sharp edges that is +-1 rounding
 # (mean |diff| measured 0.12-0.17 on upscaled/downscaled Fashion-MNIST JPEG and PNG). At a
@@ -88,7 +88,7 @@ ENV_BACKEND = "DPT_IMAGE_BACKEND"
 # those few pixels (max seen: 20).
 RESIZE_TOLERANCE_MAX = 36
 RESIZE_TOLERANCE_MEAN = 0.5
-# Formats DALI's image decoder reads (PIL's names); anything else goes to PIL in the DALI backend.
+# Formats DALI's image decoder reads (PIL's names); anything else goes to PIL in the DALI decoder.
 _DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 _logged: set[str] = set()
 # The process that built a DALI pipeline. DALI's runtime does not survive fork(): a forked child
@@ -134,7 +134,7 @@ class ImageBatch:
         return int(self.indices.shape[0])
 
 
-# ---------------------------------------------------------------------------------------- backends
+# ---------------------------------------------------------------------------------------- decoders
 @functools.lru_cache(maxsize=1)
 def dali_available() -> tuple[bool, Optional[str]]:
     """``(True, None)`` when ``nvidia.dali`` imports, else ``(False, reason)`` (checked once)."""
@@ -146,17 +146,17 @@ def dali_available() -> tuple[bool, Optional[str]]:
 
 
 class ImageBackendError(DataError, ValueError):
-    """An image backend that does not exist or cannot run here (a ValueError for older callers)."""
+    """An image decoder that does not exist or cannot run here (a ValueError for older callers)."""
 
 
-def resolve_backend(backend: Optional[str] = None) -> str:
-    """``"dali"`` or ``"pil"`` for an explicit choice, else ``$DPT_IMAGE_BACKEND``, else auto-detection."""
-    choice = backend if backend is not None else os.environ.get(ENV_BACKEND, "auto")
+def resolve_image_decoder(decoder: Optional[str] = None) -> str:
+    """``"dali"`` or ``"pil"`` for an explicit choice, else ``$DPT_IMAGE_DECODER``, else auto-detection."""
+    choice = decoder if decoder is not None else os.environ.get(ENV_DECODER, "auto")
     choice = str(choice).strip().lower() or "auto"
-    if choice not in BACKENDS:
-        src = "backend=" if backend is not None else f"{ENV_BACKEND}="
+    if choice not in DECODERS:
+        src = "decoder=" if decoder is not None else f"{ENV_DECODER}="
         raise ImageBackendError(
-            f"{src}{choice!r} is not an image backend; choose one of {', '.join(BACKENDS)} (or unset {ENV_BACKEND})"
+            f"{src}{choice!r} is not an image decoder; choose one of {', '.join(DECODERS)} (or unset {ENV_DECODER})"
         )
     if choice == "pil":
         return "pil"
@@ -164,14 +164,14 @@ def resolve_backend(backend: Optional[str] = None) -> str:
     if choice == "dali":
         if not ok:
             raise ImageBackendError(
-                f"image backend 'dali' requested but DALI does not import ({why}); install it with "
-                "`pip install nvidia-dali-cuda120` or use backend='pil'"
+                f"image decoder 'dali' requested but DALI does not import ({why}); install it with "
+                "`pip install nvidia-dali-cuda120` or use decoder='pil'"
             )
         return "dali"
     if ok:
-        _log_once(logging.INFO, "image input: DALI backend (auto)")
+        _log_once(logging.INFO, "image input: DALI decoder (auto)")
         return "dali"
-    _log_once(logging.INFO, "image input: PIL backend (auto; DALI unavailable: %s)", why)
+    _log_once(logging.INFO, "image input: PIL decoder (auto; DALI unavailable: %s)", why)
     return "pil"
 
 
@@ -420,7 +420,7 @@ class _Item(NamedTuple):
 
 
 class ImageLoader:
-    """Batches of decoded images from a file list, with either backend and the same results.
+    """Batches of decoded images from a file list, with either decoder and the same results.
 
     Args:
         files: image paths (any order; ``indices`` in the batches refer to positions in this list).
@@ -431,15 +431,15 @@ class ImageLoader:
             skipped with the reason, or raise in :meth:`load` with ``on_error="raise"``).
         channels: 1 (PIL's ``L``) or 3 (RGB).
         batch_size: files per batch (fewer images when some are skipped).
-        backend: ``"auto"``, ``"dali"``, ``"pil"`` or None (``$DPT_IMAGE_BACKEND``, else auto).
+        decoder: ``"auto"``, ``"dali"``, ``"pil"`` or None (``$DPT_IMAGE_DECODER``, else auto).
         device: ``"cpu"`` or ``"cuda"`` (DALI's nvJPEG ``mixed`` decoder; CUDA tensors out).
         shuffle: an epoch-seeded permutation (``seed``, :meth:`set_epoch`) instead of file order.
         random_crop / random_flip: training augmentation, drawn per image from
-            ``(seed, epoch, index)``: independent of batch size, rank count and backend.
+            ``(seed, epoch, index)``: independent of batch size, rank count and decoder.
         rank / world_size: this process's shard (default: :func:`~dpt_engine.utils.dist.dist_info`).
             The (shuffled) order is padded by wrapping to a multiple of ``world_size`` and rank
             ``r`` takes every ``world_size``-th file from ``r``: disjoint, equal-length shards.
-        num_threads: DALI's CPU threads / the PIL backend's decoding threads.
+        num_threads: DALI's CPU threads / the PIL decoder's decoding threads.
     """
 
     def __init__(
@@ -451,7 +451,7 @@ class ImageLoader:
         resize: bool = True,
         channels: int = 3,
         batch_size: int = 64,
-        backend: Optional[str] = None,
+        decoder: Optional[str] = None,
         device: str = "cpu",
         shuffle: bool = False,
         random_crop: bool = False,
@@ -483,9 +483,9 @@ class ImageLoader:
         self.batch_size, self.device = batch_size, device
         self.shuffle, self.random_crop, self.random_flip = shuffle, random_crop, random_flip
         self.crop_scale, self.seed, self.drop_last = crop_scale, seed, drop_last
-        self.backend = resolve_backend(backend)
-        if device == "cuda" and self.backend != "dali":
-            raise ValueError("device='cuda' decodes with DALI's nvJPEG: use backend='dali' (or auto)")
+        self.decoder = resolve_image_decoder(decoder)
+        if device == "cuda" and self.decoder != "dali":
+            raise ValueError("device='cuda' decodes with DALI's nvJPEG: use decoder='dali' (or auto)")
         if rank is None or world_size is None:
             from ..utils.dist import dist_info
 
@@ -498,7 +498,7 @@ class ImageLoader:
         self.num_threads = num_threads or max(1, min(4, os.cpu_count() or 1))
         self.epoch = 0
         self.skipped: list[SkippedImage] = []
-        self.pil_fallbacks: list[str] = []  # files the DALI backend had to hand to PIL
+        self.pil_fallbacks: list[str] = []  # files the DALI decoder had to hand to PIL
         self._skipped_idx: set[int] = set()
         self._decoder: Optional[_DaliDecoder] = None
 
@@ -612,8 +612,8 @@ class ImageLoader:
         return kept, (torch.stack(tensors) if tensors else None), bad
 
     def _use_dali(self) -> bool:
-        """DALI backend, unless this is a fork of a process that already ran DALI (it would crash)."""
-        if self.backend != "dali":
+        """DALI decoder, unless this is a fork of a process that already ran DALI (it would crash)."""
+        if self.decoder != "dali":
             return False
         if _dali_pid is not None and _dali_pid != os.getpid():
             if self.device == "cuda":
@@ -732,7 +732,7 @@ def load_images(
     resize: bool = True,
     channels: int = 3,
     batch_size: int = 64,
-    backend: Optional[str] = None,
+    decoder: Optional[str] = None,
     device: str = "cpu",
     progress: bool = False,
     desc: str = "decoding images",
@@ -751,7 +751,7 @@ def load_images(
         resize=resize,
         channels=channels,
         batch_size=batch_size,
-        backend=backend,
+        decoder=decoder,
         device=device,
         rank=0,
         world_size=1,

@@ -16,7 +16,7 @@ construction and each later image is checked against it.
 
 Single images (``ds[i]``) decode with PIL. Bulk reads (``get_batch`` of at least
 :data:`BULK_MIN` images, :meth:`FolderImageDataset.read_images`, :meth:`FolderImageDataset.preload`)
-go through :mod:`dpt_engine.data.dali_input`: DALI when available (``backend=`` / ``DPT_IMAGE_BACKEND``),
+go through :mod:`dpt_engine.data.dali_input`: DALI when available (``decoder=`` / ``DPT_IMAGE_DECODER``),
 else threaded PIL, with the same geometry. Without resizing both give identical tensors; with
 resizing they agree within the resize tolerance stated in ``dali_input``. ``read_images`` and
 ``preload`` skip unreadable files and report them; ``get_batch`` must return every image it is
@@ -212,8 +212,8 @@ class FolderImageDataset(ImageDataset):
     ``image_size`` set, every image is resized (shorter side) and center-cropped to it
     (``resize`` is True); without it, ``image_size`` is the first image's side and every image
     must match it exactly. Picklable: it holds only strings, a tensor and ints (the bulk loader
-    is rebuilt lazily in each process). ``backend`` (``auto``/``dali``/``pil``, None: the
-    ``DPT_IMAGE_BACKEND`` environment variable, else auto) picks the bulk decoder.
+    is rebuilt lazily in each process). ``decoder`` (``auto``/``dali``/``pil``, None: the
+    ``DPT_IMAGE_DECODER`` environment variable, else auto) picks the bulk decoder.
     """
 
     def __init__(
@@ -225,7 +225,7 @@ class FolderImageDataset(ImageDataset):
         channels: int = 3,
         image_size: Optional[int] = None,
         name: str = "",
-        backend: Optional[str] = None,
+        decoder: Optional[str] = None,
     ):
         if channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
@@ -239,7 +239,7 @@ class FolderImageDataset(ImageDataset):
         self.classes = list(classes)
         self.channels = channels
         self.name = name or self.root
-        self.backend = backend
+        self.decoder = decoder
         self._loader: Optional[ImageLoader] = None
         self.skipped_files: list[dict] = []  # files left out at construction (verify=True)
         self.resize = image_size is not None
@@ -257,7 +257,7 @@ class FolderImageDataset(ImageDataset):
         channels: int = 3,
         image_size: Optional[int] = None,
         name: str = "",
-        backend: Optional[str] = None,
+        decoder: Optional[str] = None,
         verify: bool = False,
     ) -> FolderImageDataset:
         """Read ``root/<class folder>/**/<image>`` with a known class list.
@@ -297,7 +297,7 @@ class FolderImageDataset(ImageDataset):
                     f"{root}: none of the {len(skipped)} image files can be read ({skipped[0]['reason']})"
                 )
         ds = cls(
-            root, paths, labels, classes, channels=channels, image_size=image_size, name=name, backend=backend
+            root, paths, labels, classes, channels=channels, image_size=image_size, name=name, decoder=decoder
         )
         ds.skipped_files = skipped
         return ds
@@ -374,7 +374,7 @@ class FolderImageDataset(ImageDataset):
 
     def bulk_loader(self) -> ImageLoader:
         """The :class:`~dpt_engine.data.dali_input.ImageLoader` over all files (eval geometry),
-        built on first use in each process; its backend is :attr:`backend` resolved."""
+        built on first use in each process; its decoder is :attr:`decoder` resolved."""
         if self._loader is None:
             self._loader = ImageLoader(
                 [os.path.join(self.root, p) for p in self.paths],
@@ -382,7 +382,7 @@ class FolderImageDataset(ImageDataset):
                 image_size=self.image_size,
                 resize=self.resize,
                 channels=self.channels,
-                backend=self.backend,
+                decoder=self.decoder,
                 rank=0,
                 world_size=1,
             )
@@ -477,7 +477,7 @@ def scan_image_folder(
     channels: int = 3,
     image_size: Optional[int] = None,
     name: str = "",
-    backend: Optional[str] = None,
+    decoder: Optional[str] = None,
     verify: bool = False,
 ) -> FolderImageDataset:
     """An ImageNet-style split folder ``root/<class>/**/<image>``; classes = sorted sub-folder names.
@@ -502,7 +502,7 @@ def scan_image_folder(
                 f"{root}: none of the {len(skipped)} image files can be read ({skipped[0]['reason']})"
             )
     ds = FolderImageDataset(
-        root, paths, labels, classes, channels=channels, image_size=image_size, name=name, backend=backend
+        root, paths, labels, classes, channels=channels, image_size=image_size, name=name, decoder=decoder
     )
     ds.skipped_files = skipped
     return ds

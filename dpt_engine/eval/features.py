@@ -104,7 +104,7 @@ def extract_features(
         device: where the network runs.
         progress: tqdm bar; ``None`` shows it for sets of 1,024 images or more.
         num_workers: DataLoader workers for Datasets that are not in memory.
-        model: an already-built extractor (e.g. ``load_inception(backend="torchscript")``).
+        model: an already-built extractor (e.g. ``load_inception(implementation="torchscript")``).
     """
     n = _num_images(images)
     if n == 0:

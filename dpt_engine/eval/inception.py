@@ -324,23 +324,23 @@ def load_inception(
     weights: str | os.PathLike | None = None,
     *,
     device: str | torch.device = "cpu",
-    backend: str = "torch-fidelity",
+    implementation: str = "torch-fidelity",
 ) -> nn.Module:
     """An eval-mode Inception mapping uint8 (B, 1|3, H, W) to float32 pool3 features (B, 2048).
 
-    ``backend``: ``"torch-fidelity"`` (default: :class:`TFInceptionV3Pool3`, what torch-fidelity's own
+    ``implementation``: ``"torch-fidelity"`` (default: :class:`TFInceptionV3Pool3`, what torch-fidelity's own
     metrics use) or ``"torchscript"`` (:class:`TorchScriptInception`, the reference). Instances are
-    kept per (backend, weights file, device) for the life of the process (~100 MB each).
+    kept per (implementation, weights file, device) for the life of the process (~100 MB each).
     """
-    if backend not in ("torch-fidelity", "torchscript"):
-        raise ValueError(f"backend must be 'torch-fidelity' or 'torchscript', got {backend!r}")
+    if implementation not in ("torch-fidelity", "torchscript"):
+        raise ValueError(f"implementation must be 'torch-fidelity' or 'torchscript', got {implementation!r}")
     path = find_inception_weights(weights)
     st = path.stat()
     dev = torch.device(device)
-    key = (backend, str(path.resolve()), st.st_size, st.st_mtime_ns, str(dev))
+    key = (implementation, str(path.resolve()), st.st_size, st.st_mtime_ns, str(dev))
     model = _INCEPTION_CACHE.get(key)
     if model is None:
-        if backend == "torchscript":
+        if implementation == "torchscript":
             model = TorchScriptInception(path)
         else:
             model = _Pool3(

@@ -23,9 +23,9 @@ import time
 
 __all__ = [
     "INTERRUPT_AT_STEP_ENV",
-    "SAVE_DELAY_ENV",
     "MANIFEST_SLEEP_ENV",
     "RECORD_SLEEP_ENV",
+    "SAVE_DELAY_ENV",
     "SHARD_WRITE_SLEEP_ENV",
     "interrupt_at_step",
     "manifest_sleep",
