@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config.schema import ClassifierConfig
 from ..data.base import DataError, ImageDataset, iterate_batches
@@ -692,7 +693,14 @@ def fit_classifier(
 
     log_every = max(1, min(cfg.eval_every, 25))
     amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    pbar = _progress_bar(progress, cfg.steps, start, cfg.learner)
+    pbar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=cfg.learner,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     last_top1: Optional[float] = None
     t0 = time.perf_counter()
     st.model.train()
@@ -770,22 +778,3 @@ def _postfix(row: dict, top1: Optional[float]) -> dict[str, str]:
     if top1 is not None:
         out["acc"] = f"{top1:.1f}"
     return out
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
