@@ -209,6 +209,7 @@ def _fid(ctx: StageContext, splits: DatasetSplits, generated: ShardDataset) -> d
         kid=True,
         weights=scfg.fid_weights,
         device=str(ctx.device),
+        progress=ctx.progress,
         cache=Path(scfg.fid_cache)
         if scfg.fid_cache
         else ctx.out / "fid_cache",  # real-set statistics, reused
