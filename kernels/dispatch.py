@@ -40,6 +40,7 @@ import torch
 __all__ = [
     "AUTO_ORDER",
     "BACKEND_NAMES",
+    "CPU_AUTO_ORDER_BY_OP",
     "ENV_VAR",
     "HAS_TRITON",
     "Backend",
@@ -73,6 +74,11 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # GPU run measures one: until then `auto` on CUDA means PyTorch's implementation.
 CUDA_MEASURED_WINNERS: list[dict[str, Any]] = []
 _DEFAULT_AUTO_ORDER = ("reference",)
+# Ops whose fused CPU kernel did not earn its place against PyTorch's own (>= 1.2x side by side):
+# auto on a CPU uses PyTorch's. EMA over 100M fp32 parameters in 100 tensors is memory-bound:
+# the fused C++ update is 1.02x (2 threads) / 1.05x (1 thread) torch._foreach_lerp_ on the 2-core
+# AMD EPYC (benchmarks/results/ema_cpu.json, ema_cpu_threads1.json); backend="cpp" still runs it.
+CPU_AUTO_ORDER_BY_OP: dict[str, tuple[str, ...]] = {"ema": ("reference", "cpp")}
 
 # ---------------------------------------------------------------------------- optional triton
 try:  # triton is optional: without it the triton backends are unavailable, nothing else changes
@@ -345,6 +351,10 @@ def _device_name(tensors: Sequence[torch.Tensor]) -> str:
 def _auto_order(op: str, device_type: str, tensors: Sequence[torch.Tensor]) -> tuple[tuple[str, ...], str]:
     """The auto candidates for ``op`` on this device, and where that order comes from (for the log)."""
     order = AUTO_ORDER.get(device_type, _DEFAULT_AUTO_ORDER)
+    if device_type == "cpu" and op in CPU_AUTO_ORDER_BY_OP:
+        return CPU_AUTO_ORDER_BY_OP[
+            op
+        ], " (PyTorch's own: the fused CPU kernel was not measured >= 1.2x faster)"
     if device_type not in ("cuda", "meta"):  # meta: the tests' stand-in for a GPU
         return order, ""
     name = _device_name(tensors)
