@@ -120,6 +120,8 @@ class ShardCommitter:
 
         fut = self._writer.submit(job)
         fut.add_done_callback(self._fail)
+        # keep only the commits still queued or running: nothing accumulates per shard
+        self._commits = [f for f in self._commits if not f.done()]
         self._commits.append(fut)
 
     def _commit(self, shard: int, pieces: list[EncodedPiece]) -> None:
