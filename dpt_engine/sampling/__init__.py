@@ -8,12 +8,13 @@
 * ``reader``: ``ShardDataset``, the generated images for stage 3, FID and the grid.
 """
 
+from ..utils.precision import resolve_precision
 from .formats import FORMATS, completed_shards, make_format, shard_records
 from .plan import SamplingConfigError, ShardPlan, check_output_dir
 from .pool import ShardCommitter
 from .reader import ShardDataset, is_shard_dir
 from .runner import MANIFEST, assemble_manifest, generate_shards, prepare_output, run_generation
-from .sampler import BatchSampler, SectionTimer, resolve_precision
+from .sampler import BatchSampler, SectionTimer
 
 __all__ = [
     "FORMATS",

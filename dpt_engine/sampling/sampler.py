@@ -28,17 +28,9 @@ from ..diffusion.guidance import cfg_eps_fn, clip_denoised_fn, doubled_eps_fn
 from ..diffusion.noise import initial_noise
 from ..kernels.solver_step import sample_multistep_fused, solver_step_table
 from ..utils.pixels import model_space_to_uint8
+from ..utils.precision import resolve_precision
 
-__all__ = ["BatchSampler", "SectionTimer", "resolve_precision"]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; explicit choices are kept."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
+__all__ = ["BatchSampler", "SectionTimer"]
 
 
 class SectionTimer:
@@ -146,7 +138,7 @@ class BatchSampler:
         self.clip = clip
         self.decode = decode
         self.output = output
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, "sample.precision")
         self.cuda_graph = cuda_graph
         self.backend = backend
         self.fused = getattr(solver, "method", None) == "multistep"

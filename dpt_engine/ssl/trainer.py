@@ -61,6 +61,7 @@ from ..models.classifiers import create_classifier
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
 from ..utils.pixels import uint8_to_unit
+from ..utils.precision import resolve_precision
 from .augment import strong, weak
 
 __all__ = [
@@ -692,7 +693,7 @@ def fit_classifier(
     start = st.step
 
     log_every = max(1, min(cfg.eval_every, 25))
-    amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    amp = resolve_precision(cfg.precision, device, "classifier precision") == "bf16"
     pbar = tqdm(
         total=cfg.steps,
         initial=start,
