@@ -169,12 +169,17 @@ def _check_same_as_uninterrupted(out: Path, fresh: Path) -> None:
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*/.*.tmp"))
 
 
-@pytest.mark.slow
-def test_five_kills_then_rerun_is_byte_identical(tmp_path: Path) -> None:
+@pytest.fixture
+def fresh_and_out(tmp_path: Path) -> tuple[Path, Path]:
+    """An uninterrupted run's output (the reference) and the folder the killed runs write to."""
     torch.set_num_threads(1)
-    fresh = tmp_path / "fresh"
-    generate(fresh)
-    out = tmp_path / "gen"
+    generate(tmp_path / "fresh")
+    return tmp_path / "fresh", tmp_path / "gen"
+
+
+@pytest.mark.slow
+def test_five_kills_then_rerun_is_byte_identical(fresh_and_out: tuple[Path, Path]) -> None:
+    fresh, out = fresh_and_out
     rng = random.Random(0)
     moments = [
         _random_kill(out, rng),
@@ -191,16 +196,13 @@ def test_five_kills_then_rerun_is_byte_identical(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_torchrun_rank_killed_then_rerun_is_byte_identical(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    fresh = tmp_path / "fresh"
-    generate(fresh)
-    out = tmp_path / "gen"
+def test_torchrun_rank_killed_then_rerun_is_byte_identical(fresh_and_out: tuple[Path, Path]) -> None:
+    fresh, out = fresh_and_out
     # rank 1 owns the odd shards; kill it half-way through writing shard 5
     proc = _start(out, {"DPT_TEST_SHARD_WRITE_SLEEP": "5:120"}, torchrun=True)
     _wait(lambda: any(p.stat().st_size > 0 for p in out.glob(".shard-000005.tar.*.tmp")), proc,
           "rank 1 half-way through shard 5")  # fmt: skip
-    pid = int((tmp_path / "pid-rank1").read_text())
+    pid = int((out.parent / "pid-rank1").read_text())
     os.kill(pid, signal.SIGKILL)
     try:
         proc.wait(timeout=120)  # torchrun stops rank 0 and fails

@@ -30,15 +30,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._requirements import missing_torch_fidelity
+
 try:
     import torch_fidelity
     from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 except ImportError as _e:  # pragma: no cover - torch-fidelity is part of the [diffusion] extra
-    raise ImportError(
-        "dpt_engine.eval needs torch-fidelity: pip install 'torch-fidelity>=0.3' "
-        "(or pip install 'dpt_engine[diffusion]')"
-    ) from _e
+    raise missing_torch_fidelity() from _e
 
 from ..models.checkpoints import read_state_dict
 from ..models.torchscript_tensors import is_torchscript_archive, read_torchscript_state_dict

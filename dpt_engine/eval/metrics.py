@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._requirements import missing_torch_fidelity
+
 try:
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 except ImportError as _e:  # pragma: no cover - torch-fidelity is part of the [diffusion] extra
-    raise ImportError(
-        "dpt_engine.eval needs torch-fidelity: pip install 'torch-fidelity>=0.3' "
-        "(or pip install 'dpt_engine[diffusion]')"
-    ) from _e
+    raise missing_torch_fidelity() from _e
 
 from ..utils.io import atomic_save_npz
 
