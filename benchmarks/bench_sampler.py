@@ -11,6 +11,9 @@ Variants with the network (all timed interleaved in one process, see ``benchmark
 * ``diffusers``: ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 2, midpoint, the same
   discrete linear betas) stepping with the same ``cfg_eps_fn`` output, so only the solver loop
   differs from ``dpt_engine``.
+* ``dpt_engine-fused-two``: ``dpt_engine-fused`` with the conditional and null-class outputs from
+  two forwards of batch B (``sample.guidance_forwards=two``) instead of one of 2B: which of the two
+  is faster depends on the device (``AUTO_GUIDANCE_FORWARDS``).
 * ``naive-original``: ``DPMSolverPP`` with ``two_forward_eps_fn``: separate conditional and
   null-class forwards of batch B per step, as the original U-ViT/DPT code does.
 * ``network-forward``: the bare doubled-batch forwards alone (``steps`` of them, inputs prepared
@@ -63,7 +66,7 @@ from dpt_engine.diffusion import (
 from dpt_engine.diffusion.guidance import doubled_eps_fn
 from dpt_engine.kernels import registered_backends, resolve_backend
 from dpt_engine.kernels.solver_step import SolverStepTable, sample_multistep_fused, solver_step_table
-from dpt_engine.models.uvit import UViT, create_uvit, list_uvits
+from dpt_engine.models.denoisers import create_denoiser, list_denoisers
 
 from .harness import (
     Row,
@@ -81,7 +84,14 @@ __all__ = ["LOOP_VARIANTS", "VARIANTS", "build_parser", "linspace_grid", "main",
 
 BENCHMARK = "sampler"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-VARIANTS = ("dpt_engine", "dpt_engine-fused", "diffusers", "naive-original", "network-forward")
+VARIANTS = (
+    "dpt_engine",
+    "dpt_engine-fused",
+    "dpt_engine-fused-two",
+    "diffusers",
+    "naive-original",
+    "network-forward",
+)
 LOOP_VARIANTS = ("dpt_engine", "dpt_engine-fused", "diffusers")
 NUM_CLASSES = 10
 SCHEDULE = "discrete-linear"
@@ -94,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.bench_sampler",
         description="Guided DPM-Solver++ sampling: dpt_engine vs diffusers vs two-forward guidance.",
     )
-    p.add_argument("--model", default="uvit-tiny8", choices=list_uvits(), help="U-ViT preset")
+    p.add_argument(
+        "--model", default="uvit-tiny8", choices=list_denoisers(), help="denoiser preset (U-ViT or U-Net)"
+    )
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
     p.add_argument("--steps", type=int, default=20, help="solver steps (= network evaluations)")
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds")
@@ -209,7 +221,7 @@ def _make_setup(schedule: DiscreteVPSchedule, steps: int, x_T: torch.Tensor, dif
 class _Autocast(torch.nn.Module):
     """``net`` with every forward under bf16 autocast on its device (what stage 2 samples with)."""
 
-    def __init__(self, net: UViT) -> None:
+    def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
         self.cfg = net.cfg
@@ -228,7 +240,7 @@ def _fused_backend(setup: _Setup, table: SolverStepTable) -> str:
 
 
 def _network_variants(
-    net: UViT | _Autocast, setup: _Setup, y: torch.Tensor, scale: float, names: Sequence[str]
+    net: torch.nn.Module, setup: _Setup, y: torch.Tensor, scale: float, names: Sequence[str]
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The sampling variants in ``names``, each a zero-argument callable returning its final tensor."""
     schedule, x_T = setup.schedule, setup.x_T
@@ -237,6 +249,7 @@ def _network_variants(
     guided = cfg_eps_fn(net, y, scale, null, schedule)
     two_forward = two_forward_eps_fn(net, y, scale, null, schedule)
     doubled = doubled_eps_fn(net, y, null, schedule)
+    doubled_two = doubled_eps_fn(net, y, null, schedule, forwards="two")
     solver = setup.solver()  # built once per run, as stage 2 does
     table = setup.table(solver)
 
@@ -245,6 +258,9 @@ def _network_variants(
 
     def fused() -> torch.Tensor:
         return sample_multistep_fused(solver, doubled, x_T, guidance_scale=scale, table=table)
+
+    def fused_two() -> torch.Tensor:
+        return sample_multistep_fused(solver, doubled_two, x_T, guidance_scale=scale, table=table)
 
     def peer() -> torch.Tensor:
         return setup.diffusers_loop(guided)
@@ -269,6 +285,7 @@ def _network_variants(
     variants = {
         "dpt_engine": ours,
         "dpt_engine-fused": fused,
+        "dpt_engine-fused-two": fused_two,
         "diffusers": peer,
         "naive-original": naive,
         "network-forward": forwards,
@@ -333,9 +350,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     if not names:
         raise SystemExit("sampler: no variant left to time")
     torch.manual_seed(args.seed)
-    net = create_uvit(args.model, num_classes=NUM_CLASSES).to(device).eval()
+    net = create_denoiser(args.model, num_classes=NUM_CLASSES).to(device).eval()
     cfg = net.cfg
-    model: UViT | _Autocast = _Autocast(net) if args.precision == "bf16" else net
+    model: torch.nn.Module = _Autocast(net) if args.precision == "bf16" else net
     schedule = make_schedule(SCHEDULE)
     assert isinstance(schedule, DiscreteVPSchedule)
     y = torch.arange(args.batch, device=device) % NUM_CLASSES  # (B,)
@@ -403,6 +420,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     for name, peers in (
         ("dpt_engine", ("diffusers", "naive-original")),
         ("dpt_engine-fused", ("diffusers", "naive-original", "dpt_engine")),
+        ("dpt_engine-fused-two", ("dpt_engine-fused", "naive-original")),
     ):
         for peer in (p for p in peers if name in times and p in times):
             r = paired_ratio(times[peer], times[name])

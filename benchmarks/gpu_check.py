@@ -26,8 +26,10 @@ Phases, in this order (the most important results come first, so a run cut short
                        (``BatchSampler``) per solver-step backend, with and without a CUDA graph,
                        around a stand-in network (the loop alone) and U-ViT-L/2 (``sampling_loop``)
 (e)   ``train``        training img/s, TFLOP/s, MFU and peak memory of U-ViT-L/2 and U-ViT-H/2 at
-                       4x32x32 latents, batch 64 and 128, bf16 (and the original fp32 step at
-                       batch 64), then the same with ``torch.compile`` (``bench_train``)
+                       4x32x32 latents, batch 64 and 128, bf16 (and at batch 64 the original's
+                       own step: fp32 against ours in fp32 for L/2, its documented fp16 mixed
+                       precision against our bf16 for both), then the same with
+                       ``torch.compile`` (``bench_train``)
 (f)   ``sampling``     sampling img/s of U-ViT-H/2 with classifier-free guidance at 20 and 50
                        steps, bf16: the fused sampler vs the original two-forward loop and the
                        bare network (``bench_sampler``)
@@ -258,7 +260,7 @@ def settings_for(dry_run: bool) -> Settings:
             loop_steps=4,
             loop_repeats=2,
             train_runs=(
-                TrainRun("uvit-tiny8", 4, ("original", "dpt_engine-bf16")),
+                TrainRun("uvit-tiny8", 4, ("original", "dpt_engine-fp32", "dpt_engine-bf16")),
                 TrainRun("uvit-tiny8", 8, ("dpt_engine-bf16",)),
                 TrainRun("uvit-tiny8", 4, ("dpt_engine-bf16-compile",)),
             ),
@@ -308,8 +310,10 @@ def settings_for(dry_run: bool) -> Settings:
         loop_steps=20,
         loop_repeats=5,
         train_runs=(
-            TrainRun("uvit-l2", 64, ("original", "dpt_engine-bf16")),
-            TrainRun("uvit-h2", 64, ("original", "dpt_engine-bf16")),
+            # equal settings (fp32 both) and defaults (the original's documented fp16 mixed
+            # precision vs our bf16 autocast), against the original's own step
+            TrainRun("uvit-l2", 64, ("original", "dpt_engine-fp32", "original-amp", "dpt_engine-bf16")),
+            TrainRun("uvit-h2", 64, ("original-amp", "dpt_engine-bf16")),
             TrainRun("uvit-l2", 128, ("dpt_engine-bf16",)),
             TrainRun("uvit-h2", 128, ("dpt_engine-bf16",)),
             TrainRun("uvit-h2", 128, ("dpt_engine-bf16-compile",)),

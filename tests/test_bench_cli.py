@@ -21,8 +21,11 @@ if _REPO_ROOT not in sys.path:
 
 from benchmarks.bench_train import (  # noqa: E402
     BASELINE,
+    REFERENCE,
     EngineTrainer,
     OriginalTrainer,
+    ReferenceTrainer,
+    comparisons,
     make_data,
     make_trainer,
     train_config,
@@ -43,17 +46,17 @@ def _tiny_setup(batch: int = 8):
     return net, make_data(net, 64, seed=0), batch
 
 
-def test_original_step_is_a_correct_reference_for_ours_in_fp32() -> None:
-    """From the same weights, on the same batches, the plain original-design step and our engine's
+def test_reference_step_agrees_with_ours_in_fp32() -> None:
+    """From the same weights, on the same batches, the plain-PyTorch reference step and our engine's
     fp32 step give the same losses, weight updates and EMA after one step and after a second one
     (Adam's first step does not depend on the betas; the second does), so the speed ratio compares
     two correct implementations of the same training step."""
     net, data, batch = _tiny_setup()
     init = _params(net)
     cpu = torch.device("cpu")
-    base = make_trainer(BASELINE, net, batch, data, cpu, seed=3)
+    base = make_trainer(REFERENCE, net, batch, data, cpu, seed=3)
     ours = make_trainer("dpt_engine-fp32", net, batch, data, cpu, seed=3)
-    assert isinstance(base, OriginalTrainer) and isinstance(ours, EngineTrainer)
+    assert isinstance(base, ReferenceTrainer) and isinstance(ours, EngineTrainer)
     lr = train_config("uvit-tiny8", batch).lr
     for step in range(2):
         loss_base, loss_ours = float(base.step()), float(ours.step())
@@ -73,14 +76,71 @@ def test_original_step_is_a_correct_reference_for_ours_in_fp32() -> None:
         assert ema_moved > 0.5 * lr
 
 
-def test_original_step_differs_from_ours_in_bf16_only_by_rounding() -> None:
+def test_reference_step_differs_from_ours_in_bf16_only_by_rounding() -> None:
     """Our bf16-autocast step on the same batch: the same loss to bf16 accuracy."""
     net, data, batch = _tiny_setup()
     cpu = torch.device("cpu")
-    base = make_trainer(BASELINE, net, batch, data, cpu)
+    base = make_trainer(REFERENCE, net, batch, data, cpu)
     ours = make_trainer("dpt_engine-bf16", net, batch, data, cpu)
     assert ours.backend.bf16
     assert float(ours.step()) == pytest.approx(float(base.step()), rel=2e-2)
+
+
+def test_original_baseline_does_what_the_original_code_does() -> None:
+    """The timed baseline is the original's step, not ours: one AdamW group over every parameter
+    with weight decay on all of them, a LambdaLR stepped every step, the EMA at a constant rate
+    (no warm-up, checked against the update recomputed by hand), batches of ``batch`` rows from a
+    DataLoader whose labels drop to the null class at about ``label_dropout``, and it trains (the
+    loss of a fixed batch falls over 40 steps)."""
+    net, data, batch = _tiny_setup()
+    cpu = torch.device("cpu")
+    cfg = train_config("uvit-tiny8", batch)
+    base = make_trainer(BASELINE, net, batch, data, cpu, seed=1)
+    assert isinstance(base, OriginalTrainer)
+    (group,) = base.optimizer.param_groups
+    assert group["weight_decay"] == cfg.weight_decay
+    assert {id(p) for p in group["params"]} == {id(p) for p in base.model().parameters()}
+    before, ema_before = _params(base.model()), _params(base.ema_model())
+    base.step()
+    after, ema_after = _params(base.model()), _params(base.ema_model())
+    rate = cfg.ema_decay  # 0.9999 from the first step: no warm-up
+    for k in before:
+        expect = ema_before[k] * rate + (1 - rate) * after[k]
+        torch.testing.assert_close(ema_after[k], expect, atol=1e-7, rtol=1e-6, msg=k)
+    assert base.lr_scheduler.last_epoch == 1
+    nulls = rows = 0
+    for _ in range(60):
+        x, y = base._batch()
+        assert x.shape == (batch, *data.x.shape[1:])
+        nulls, rows = nulls + int((y == data.num_classes).sum()), rows + len(y)
+    assert 0.03 < nulls / rows < 0.2  # label dropout 0.1
+    # it trains: a higher lr makes 40 steps enough to see the loss of one fixed batch fall
+    for group in base.optimizer.param_groups:
+        group["initial_lr"] = group["lr"] = 3e-3
+    base.lr_scheduler.base_lrs = [3e-3]
+    x0, y0 = base._batch()
+
+    def fixed_loss() -> float:
+        base.np_rng.seed(7)
+        base.gen.manual_seed(7)
+        with torch.no_grad():
+            return float(base._loss(x0, y0).mean())
+
+    start = fixed_loss()
+    for _ in range(40):
+        base.step()
+    assert fixed_loss() < 0.8 * start
+
+
+def test_speedups_are_named_by_comparison() -> None:
+    """On a CPU both defaults are fp32 (ours: ``precision=auto``; the original has no CPU mixed
+    precision); bf16 against fp32 is a precision comparison, never one against the original."""
+    cpu = comparisons(torch.device("cpu"))
+    assert ("dpt_engine-fp32", BASELINE, "equal settings") in cpu
+    assert ("dpt_engine-fp32", BASELINE, "defaults") in cpu
+    assert ("dpt_engine-bf16", "dpt_engine-fp32", "precision") in cpu
+    assert not [c for v, b, c in cpu if v == "dpt_engine-bf16" and b.startswith("original")]
+    assert ("dpt_engine-bf16", "original-amp", "defaults") in comparisons(torch.device("cuda"))
 
 
 def test_benchmarked_engine_step_is_fit_diffusions_step(tmp_path: Path) -> None:
@@ -168,9 +228,18 @@ def test_dpt_bench_section_writes_rows_charts_and_telemetry(
             assert by["train", v, "throughput", None]["value"] > 0
             assert by["train", v, "tflops", None]["value"] > 0
             assert 0 < by["train", v, "mfu", None]["value"]
-        assert by["train", "dpt_engine-bf16", "speedup", "original"]["ratio"] > 0
+        named = {
+            (r["variant"], r["baseline"], r["config"].get("comparison"))
+            for r in rows
+            if r["metric"] == "speedup"
+        }
+        assert named == {
+            ("dpt_engine-fp32", "original", "equal settings"),
+            ("dpt_engine-fp32", "original", "defaults"),
+            ("dpt_engine-bf16", "dpt_engine-fp32", "precision"),
+        }
         assert by["train", "dpt_engine-bf16", "speedup", "dpt_engine-fp32"]["ratio"] > 0
-        assert by["train", "dpt_engine-fp32", "loss_rel_diff", "original"]["value"] < 1e-6
+        assert by["train", "dpt_engine-fp32", "loss_rel_diff", "reference"]["value"] < 1e-6
         assert by["train", "process", "peak_rss", None]["value"] > 0
         assert "not per variant" in by["train", "process", "peak_rss", None]["config"]["memory"]
     if section == "sample":

@@ -130,7 +130,7 @@ def test_dry_run_measures_every_benchmark(dry_run) -> None:
         diff = metric("solver", "sampling_loop", f"{net}:triton", "rel_diff")
         assert diff and diff[0]["value"] == 0.0  # same network outputs, bit-exact steps
     train = {r["variant"] for r in rows if r["phase"] == "train" and r["metric"] == "mfu"}
-    assert train == {"original", "dpt_engine-bf16", "dpt_engine-bf16-compile"}
+    assert train == {"original", "dpt_engine-fp32", "dpt_engine-bf16", "dpt_engine-bf16-compile"}
     sampling = [r for r in rows if r["phase"] == "sampling" and r["metric"] == "speedup"]
     assert {(r["variant"], r["baseline"], r["config"]["steps"]) for r in sampling} == {
         ("dpt_engine-fused", "naive-original", 3),

@@ -15,6 +15,7 @@ from dpt_engine.diffusion import (
     sample_seed,
     two_forward_eps_fn,
 )
+from dpt_engine.diffusion.guidance import AUTO_GUIDANCE_FORWARDS, doubled_eps_fn, resolve_guidance_forwards
 from dpt_engine.models.uvit import create_uvit
 
 
@@ -63,6 +64,34 @@ def test_batched_cfg_equals_two_forwards(net: nn.Module) -> None:
         uncond = net(x, sched.network_time(t), torch.full_like(y, net.cfg.null_class_id))
     torch.testing.assert_close(batched, two, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, cond + 0.4 * (cond - uncond), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_forwards_choice_keeps_the_result(net: nn.Module) -> None:
+    """``forwards="two"`` gives the doubled contract (``[cond; uncond]``, 2B rows) and the guided
+    eps from two forwards of B; ``auto`` resolves per device type from the measured table."""
+    sched = DiscreteVPSchedule()
+    x, y, t = _batch(net)
+    null = net.cfg.null_class_id
+    rec = Recorder(net)
+    with torch.no_grad():
+        one = doubled_eps_fn(rec, y, null, sched)(x, t)
+        assert [c[0] for c in rec.calls] == [8]
+        rec.calls.clear()
+        two = doubled_eps_fn(rec, y, null, sched, forwards="two")(x, t)
+        assert [c[0] for c in rec.calls] == [4, 4]
+        assert torch.equal(rec.calls[1][1], torch.full_like(y, null))
+        rec.calls.clear()
+        guided_two = cfg_eps_fn(rec, y, 0.4, null, sched, forwards="two")(x, t)
+        assert [c[0] for c in rec.calls] == [4, 4]
+    assert two.shape == one.shape == (8, *x.shape[1:])
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    cond, uncond = two.chunk(2)
+    torch.testing.assert_close(guided_two, cond + 0.4 * (cond - uncond), rtol=1e-6, atol=1e-6)
+    for device in ("cpu", "cuda"):
+        assert resolve_guidance_forwards("auto", device) == AUTO_GUIDANCE_FORWARDS[device]
+        assert resolve_guidance_forwards("two", device) == "two"
+    with pytest.raises(ValueError, match="doubled"):
+        resolve_guidance_forwards("three", "cpu")
 
 
 def test_scale_zero_is_a_single_conditional_forward(net: nn.Module) -> None:

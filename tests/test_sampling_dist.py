@@ -29,7 +29,9 @@ PER_CLASS = 20
 SHARD = 10
 
 
-def tiny_sampler(steps: int = 4, clip: bool = True, output: str = "images") -> BatchSampler:
+def tiny_sampler(
+    steps: int = 4, clip: bool = True, output: str = "images", guidance_forwards: str = "auto"
+) -> BatchSampler:
     """A randomly initialised 3-class U-ViT on 1x8x8 images (same weights in every process)."""
     torch.manual_seed(0)
     net = create_uvit(
@@ -38,7 +40,16 @@ def tiny_sampler(steps: int = 4, clip: bool = True, output: str = "images") -> B
     schedule = make_schedule("discrete-linear")
     solver = DPMSolverPP(schedule, steps=steps, order=2)
     return BatchSampler(
-        net, solver, schedule, (1, 8, 8), 3, guidance_scale=0.4, seed=7, clip=clip, output=output
+        net,
+        solver,
+        schedule,
+        (1, 8, 8),
+        3,
+        guidance_scale=0.4,
+        seed=7,
+        clip=clip,
+        output=output,
+        guidance_forwards=guidance_forwards,
     )
 
 

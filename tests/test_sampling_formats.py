@@ -153,6 +153,25 @@ def test_sampling_loop_has_no_host_syncs(clip: bool) -> None:
     assert det.hits
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_one_doubled_forward_and_two_forwards_give_the_same_images(clip: bool) -> None:
+    """``guidance_forwards`` changes how the conditional and null-class outputs are computed, not
+    what is sampled: both ways agree to float rounding (at most one uint8 level), fused (no clip)
+    and unfused (clip) alike, and the "two" sampler really calls the net twice per step."""
+    torch.set_num_threads(1)
+    c, i = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 0, 0, 1, 1])
+    out = {}
+    for forwards in ("doubled", "two"):
+        sampler = tiny_sampler(clip=clip, output="latents", guidance_forwards=forwards)
+        assert sampler.guidance_forwards == forwards
+        sizes: list[int] = []
+        sampler.net.register_forward_pre_hook(lambda m, args, sizes=sizes: sizes.append(args[0].shape[0]))
+        with torch.no_grad():
+            out[forwards] = sampler._run(sampler.noise(c, i), c)
+        assert set(sizes) == ({10} if forwards == "doubled" else {5}), forwards
+    torch.testing.assert_close(out["two"], out["doubled"], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_and_bf16_sampling_match_eager() -> None:

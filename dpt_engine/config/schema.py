@@ -311,6 +311,9 @@ class SampleConfig:
     writer_workers: int = 4  # background encode threads; 0 = encode and write inline
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cuda_graph: bool = False  # capture the whole solver loop of a full batch in a CUDA graph (GPU)
+    # guidance: one forward of the doubled batch or two forwards of the batch; auto = the one
+    # measured faster on the device type (dpt_engine.diffusion.guidance.AUTO_GUIDANCE_FORWARDS)
+    guidance_forwards: Literal["auto", "doubled", "two"] = "auto"
     output_dir: Optional[str] = None  # where the shards go; default <run>/sample/samples
     fid: bool = True
     fid_num_images: int = 500  # generated images (and as many real ones) used for FID/KID

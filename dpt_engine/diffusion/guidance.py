@@ -10,9 +10,12 @@ so ``w = 0`` is plain conditional sampling and DPT's ``scale = 0.4`` is a weight
 second (Imagen / diffusers ``guidance_scale``) form. ``eps_uncond`` uses the null class label
 (``num_classes``, the last row of the class embedding).
 
-``cfg_eps_fn`` runs one forward on the doubled batch ``cat([x, x])`` with labels
-``cat([y, null])`` (better GEMM shapes, half the kernel launches); ``two_forward_eps_fn`` runs the
-original's two separate forwards and serves as the reference in tests and benchmarks.
+Two ways to get ``eps_cond`` and ``eps_uncond`` (``forwards``): ``"doubled"``, one forward of the
+doubled batch ``cat([x, x])`` with labels ``cat([y, null])`` (better GEMM shapes, half the kernel
+launches), and ``"two"``, the original's two separate forwards of batch B. Which is faster depends
+on the device: ``resolve_guidance_forwards("auto", device)`` picks per device type from
+``AUTO_GUIDANCE_FORWARDS``, a table filled by measurement (``benchmarks/bench_sampler.py``). Both
+give the same result up to float rounding (a forward of 2B rows is not bit-identical to two of B).
 """
 
 from __future__ import annotations
@@ -24,9 +27,34 @@ from torch import nn
 
 from dpt_engine.diffusion.schedules import NoiseSchedule
 
-__all__ = ["cfg_combine", "cfg_eps_fn", "clip_denoised_fn", "doubled_eps_fn", "two_forward_eps_fn"]
+__all__ = [
+    "AUTO_GUIDANCE_FORWARDS",
+    "GUIDANCE_FORWARDS",
+    "cfg_combine",
+    "cfg_eps_fn",
+    "clip_denoised_fn",
+    "doubled_eps_fn",
+    "resolve_guidance_forwards",
+    "two_forward_eps_fn",
+]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+GUIDANCE_FORWARDS = ("doubled", "two")
+# What ``auto`` uses per device type, by measurement (README "Performance"):
+# cpu: FILLED_BY_MEASUREMENT
+# cuda: one doubled forward (not yet measured on a GPU: ``benchmarks/gpu_check.py`` times it
+# against the two-forward loop); other device types: the doubled forward.
+AUTO_GUIDANCE_FORWARDS = {"cpu": "doubled", "cuda": "doubled"}
+
+
+def resolve_guidance_forwards(choice: str, device: torch.device | str) -> str:
+    """``auto`` -> the measured choice for ``device``'s type; ``doubled`` / ``two`` are kept."""
+    if choice == "auto":
+        return AUTO_GUIDANCE_FORWARDS.get(torch.device(device).type, "doubled")
+    if choice not in GUIDANCE_FORWARDS:
+        raise ValueError(f"guidance forwards must be 'auto', 'doubled' or 'two', got {choice!r}")
+    return choice
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -39,9 +67,14 @@ def _null_labels(y: torch.Tensor, null_class: int) -> torch.Tensor:
 
 
 def cfg_eps_fn(
-    net: nn.Module, y: torch.Tensor | None, scale: float, null_class: int | None, schedule: NoiseSchedule
+    net: nn.Module,
+    y: torch.Tensor | None,
+    scale: float,
+    null_class: int | None,
+    schedule: NoiseSchedule,
+    forwards: str = "doubled",
 ) -> ModelFn:
-    """Guided noise prediction with one batched forward per call.
+    """Guided noise prediction (one batched forward per call; ``forwards="two"``: two).
 
     Args:
         net: ``net(x (B,C,H,W), t_net (B,), y (B,) | None) -> eps (B,C,H,W)``.
@@ -59,6 +92,8 @@ def cfg_eps_fn(
             return net(x, schedule.network_time(t), y)
 
         return model_fn
+    if forwards == "two":
+        return two_forward_eps_fn(net, y, scale, null_class, schedule)
     if y is None or null_class is None:
         raise ValueError("guidance with scale != 0 needs labels y and a null_class")
     doubled = doubled_eps_fn(net, y, null_class, schedule)
@@ -88,9 +123,20 @@ def two_forward_eps_fn(
     return model_fn
 
 
-def doubled_eps_fn(net: nn.Module, y: torch.Tensor, null_class: int, schedule: NoiseSchedule) -> ModelFn:
+def doubled_eps_fn(
+    net: nn.Module, y: torch.Tensor, null_class: int, schedule: NoiseSchedule, forwards: str = "doubled"
+) -> ModelFn:
     """``model_fn(x (B,...), t (B,)) -> (2B, ...)``: ``[cond; uncond]`` from one forward of the
-    doubled batch, for a solver step that fuses the guidance combination itself."""
+    doubled batch (``forwards="two"``: from two forwards of B), for a solver step that fuses the
+    guidance combination itself."""
+    if forwards == "two":
+        y_null = _null_labels(y, null_class)
+
+        def two(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t_net = schedule.network_time(t)
+            return torch.cat([net(x, t_net, y), net(x, t_net, y_null)])  # (2B, C, H, W)
+
+        return two
     y2 = torch.cat([y, _null_labels(y, null_class)])  # (2B,)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

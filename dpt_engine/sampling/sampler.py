@@ -1,7 +1,8 @@
 """One batch of pseudo images: per-sample noise -> guided DPM-Solver++ -> batched decode.
 
 :class:`BatchSampler` is what every rank calls for each batch of (class, index) pairs. The hot
-loop is free of host synchronisation: guidance is one forward of the doubled batch
+loop is free of host synchronisation: guidance takes one forward of the doubled batch or two of
+the batch, whichever ``guidance_forwards`` (measured per device type) says is faster
 (``doubled_eps_fn``, with the guidance combination fused into the solver step when the data
 prediction is not clipped), the solver reads its coefficients from a device table prepared once
 (``solver_step_table``), and the result stays on the device until the caller copies it out
@@ -24,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..diffusion.guidance import cfg_eps_fn, clip_denoised_fn, doubled_eps_fn
+from ..diffusion.guidance import cfg_eps_fn, clip_denoised_fn, doubled_eps_fn, resolve_guidance_forwards
 from ..diffusion.noise import initial_noise
 from ..kernels.solver_step import sample_multistep_fused, solver_step_table
 from ..utils.pixels import model_space_to_uint8
@@ -98,6 +99,8 @@ class BatchSampler:
         precision: ``fp32``, ``bf16`` or ``auto`` (see :func:`resolve_precision`).
         cuda_graph: capture the loop of full batches in a CUDA graph (CUDA only).
         backend: the solver-step kernel backend (None = dispatch default).
+        guidance_forwards: ``doubled`` (one forward of 2B), ``two`` (two of B) or ``auto`` (the
+            measured faster one for the device type, ``resolve_guidance_forwards``).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class BatchSampler:
         precision: str = "auto",
         cuda_graph: bool = False,
         backend: Optional[str] = None,
+        guidance_forwards: str = "auto",
     ):
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
@@ -140,6 +144,7 @@ class BatchSampler:
         self.output = output
         self.precision = resolve_precision(precision, self.device, "sample.precision")
         self.cuda_graph = cuda_graph
+        self.guidance_forwards = resolve_guidance_forwards(guidance_forwards, self.device)
         self.backend = backend
         self.fused = getattr(solver, "method", None) == "multistep"
         self.table = solver_step_table(solver, self.device) if self.fused else None
@@ -162,13 +167,12 @@ class BatchSampler:
         """x_T (B, ...) fp32 and labels (B,) on the device -> the solver's output."""
         labels = y if self.conditional else None
         if self.fused and not self.clip and self.scale != 0:
-            fn = doubled_eps_fn(self._net, labels, self.num_classes, self.schedule)
+            fn = doubled_eps_fn(self._net, labels, self.num_classes, self.schedule, self.guidance_forwards)
             return sample_multistep_fused(
                 self.solver, fn, x_T, guidance_scale=self.scale, table=self.table, backend=self.backend
             )
-        fn = cfg_eps_fn(
-            self._net, labels, self.scale, self.num_classes if self.conditional else None, self.schedule
-        )
+        null = self.num_classes if self.conditional else None
+        fn = cfg_eps_fn(self._net, labels, self.scale, null, self.schedule, self.guidance_forwards)
         if self.clip:
             fn = clip_denoised_fn(fn, self.schedule)
         if self.fused:

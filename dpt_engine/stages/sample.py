@@ -40,7 +40,8 @@ log = logging.getLogger("dpt_engine")
 __all__ = ["EXECUTION_ONLY", "run_sample", "sample_output_dir"]
 
 # Settings that change how fast the images are made, not which images (beyond float rounding).
-EXECUTION_ONLY = ("batch_size", "writer_workers", "cuda_graph", "fid_cache")
+# settings that change speed but not what is generated (beyond float rounding): outside the fingerprint
+EXECUTION_ONLY = ("batch_size", "writer_workers", "cuda_graph", "fid_cache", "guidance_forwards")
 
 
 def sample_output_dir(ctx: StageContext) -> Path:
@@ -72,6 +73,7 @@ def _batch_sampler(ctx: StageContext, splits: DatasetSplits, net: torch.nn.Modul
         device=ctx.device,
         precision=scfg.precision,
         cuda_graph=scfg.cuda_graph,
+        guidance_forwards=scfg.guidance_forwards,
     )
 
 
