@@ -85,7 +85,7 @@ from .harness import (
     device_name,
     load_warning,
     measure_alternating,
-    paired_ratio,
+    paired_ratio_band,
     print_table,
     summarize,
     write_rows,
@@ -561,7 +561,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         "flops_per_step": train_flops,
         "threads": torch.get_num_threads(),
         "ema_backend": _ema_backend(ema_tensors) if ema_tensors else None,
-        "fused_adamw": cuda,
+        "fused_adamw": True,  # SingleBackend: fused AdamW on every device
         "load_warning": busy,
     }
     dev = device_name(device)
@@ -599,9 +599,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             rows.append(row(v, "ema_rel_diff", ema_rel[v], "rel", cfg, baseline=REFERENCE))
     for v, ref, comparison in comparisons(device):
         if v in times and ref in times:
-            r = paired_ratio(times[ref], times[v])
+            band = paired_ratio_band(times[ref], times[v])
+            r, cmp_cfg = band["p50"], {**config, "comparison": comparison}
             rows.append(
-                row(v, "speedup", r, "x", {**config, "comparison": comparison}, baseline=ref, ratio=r)
+                row(v, "speedup", r, "x", cmp_cfg, baseline=ref, ratio=r, p20=band["p20"], p80=band["p80"])
             )
     if not cuda:
         note = (

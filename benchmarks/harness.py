@@ -132,6 +132,14 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def paired_ratio_band(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """``{p20, p50, p80}`` of the per-round ratios ``numerator[i] / denominator[i]`` (p50 is
+    ``paired_ratio``): how much the speed-up itself varies from round to round."""
+    paired_ratio(numerator, denominator)  # same checks
+    s = summarize([a / b for a, b in zip(numerator, denominator)])
+    return {k: s[k] for k in ("p20", "p50", "p80")}
+
+
 @functools.lru_cache(maxsize=1)
 def commit_hash() -> str:
     """``git rev-parse --short HEAD`` of this repository, or ``'unknown'``."""

@@ -42,10 +42,13 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 GUIDANCE_FORWARDS = ("doubled", "two")
 # What ``auto`` uses per device type, by measurement (README "Performance"):
-# cpu: FILLED_BY_MEASUREMENT
+# cpu: two forwards of B. ``benchmarks/bench_sampler.py`` (2-core AMD EPYC, batch 64, 20 steps,
+#   fused solver step, interleaved rounds): two forwards / one doubled forward = 1.28x (fp32) and
+#   1.06x (bf16) for unet-tiny28, 1.12x (fp32) for uvit-tiny28: the CPU GEMMs do not gain from
+#   twice the rows, and the doubled batch costs two concatenations per step.
 # cuda: one doubled forward (not yet measured on a GPU: ``benchmarks/gpu_check.py`` times it
-# against the two-forward loop); other device types: the doubled forward.
-AUTO_GUIDANCE_FORWARDS = {"cpu": "doubled", "cuda": "doubled"}
+#   against the two-forward loop); other device types: the doubled forward.
+AUTO_GUIDANCE_FORWARDS = {"cpu": "two", "cuda": "doubled"}
 
 
 def resolve_guidance_forwards(choice: str, device: torch.device | str) -> str:
