@@ -154,7 +154,7 @@ def cases() -> list[Case]:
         "stage1.backbone=msn:nosuch", "stage1.uratio=0", "stage1.weight_decay=-1", "stage1.precision=fp8",
         "stage2.model=nosuch", "stage2.lr=-1", "stage2.steps=0", "stage2.batch_size=-1",
         "stage2.ema_decay=1.5", "stage2.beta1=1", "stage2.schedule=cosine", "stage2.grad_accum=0",
-        "stage2.batch_size=10 stage2.grad_accum=3", "stage2.zero_stage=7", "stage2.backend=nosuch",
+        "stage2.batch_size=10 stage2.grad_accum=3", "stage2.zero_stage=7", "stage2.strategy=nosuch",
         "stage2.precision=int8", "stage2.label_dropout=1.0", "stage2.min_snr_gamma=0", "stage2.warmup_steps=-1",
         "stage2.grad_clip=0", "stage2.label_source=nosuch", "stage2.offload_optimizer=true",
         "sample.steps=0", "sample.images_per_class=0", "sample.guidance_scale=abc", "sample.order=9",

@@ -131,7 +131,7 @@ def train_config(model: str, batch: int, precision: str = "fp32", compile: bool 
         ema_decay=0.9999,
         label_dropout=0.1,
         schedule="discrete-linear",
-        backend="single",
+        strategy="single",
         precision=precision,  # type: ignore[arg-type]
         compile=compile,
     )
@@ -376,7 +376,7 @@ class EngineTrainer:
         self.name = name
         self.cfg = cfg
         self.schedule = make_schedule(cfg.schedule)
-        self.info = setup_process_group(cfg.backend, device)
+        self.info = setup_process_group(cfg.strategy, device)
         self.backend: Backend = build_backend(copy.deepcopy(net).train(), cfg, device, self.info)
         self.guard = BadStepGuard(cfg.max_bad_steps)
         self.data, self.device = data, device

@@ -53,7 +53,7 @@ __all__ = ["VARIANTS", "build_parser", "main", "run"]
 BENCHMARK = "train_backends"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "single"
-# variant -> (stage2.backend, zero_stage, distributed)
+# variant -> (stage2.strategy, zero_stage, distributed)
 VARIANTS: dict[str, tuple[str, int, bool]] = {
     "single": ("single", 0, False),
     "ddp": ("ddp", 0, True),
@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str) ->
         warmup_steps=1,
         log_every=1,
         checkpoint_every=steps,
-        backend=spec["backend"],
+        strategy=spec["backend"],
         zero_stage=spec["zero_stage"],
         precision=spec["precision"],
     )

@@ -58,14 +58,14 @@ _STAGE2_EPILOG = """\
 training at scale (every rank runs the same command; rank 0 writes the artifacts):
   one machine, 8 GPUs:
     torchrun --nproc_per_node=8 -m dpt_engine.cli stage2 --out runs/in1k \\
-        stage2.backend=ddp stage2.precision=bf16 stage2.batch_size=1024
+        stage2.strategy=ddp stage2.precision=bf16 stage2.batch_size=1024
   several machines (run on each, NODE_RANK = 0..N-1, HOST = the first machine):
     torchrun --nnodes=N --node_rank=NODE_RANK --nproc_per_node=8 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=dpt \\
-        -m dpt_engine.cli stage2 --out /shared/runs/in1k stage2.backend=fsdp2 ...
+        -m dpt_engine.cli stage2 --out /shared/runs/in1k stage2.strategy=fsdp2 ...
   the DeepSpeed launcher (hostfile lists the machines):
     deepspeed --hostfile=hostfile --no_local_rank --module dpt_engine.cli stage2 --out /shared/runs/in1k \\
-        stage2.backend=deepspeed stage2.zero_stage=2 stage2.precision=bf16
+        stage2.strategy=deepspeed stage2.zero_stage=2 stage2.precision=bf16
   options: stage2.grad_accum=K, stage2.grad_checkpointing=true, stage2.compile=true,
     stage2.offload_optimizer=true (deepspeed), stage2.tensorboard=true; stage2.batch_size is the
     global batch (a multiple of world size x grad_accum). The run directory must be on a file
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stage2",
         help="stage 2: train the class-conditional U-ViT on the pseudo-labels",
         description="Train the class-conditional U-ViT on the pseudo-labels. One process by default; "
-        "set stage2.backend=ddp|fsdp2|deepspeed (stage2.zero_stage=0..3) and launch every rank with "
+        "set stage2.strategy=ddp|fsdp2|deepspeed (stage2.zero_stage=0..3) and launch every rank with "
         "the same command to train across processes and machines.",
         epilog=_STAGE2_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -105,3 +105,25 @@ def test_literal_words_that_yaml_reads_as_bool():
     assert resolve_config(overrides=["stage2.label_source=true"]).stage2.label_source == "true"
     with pytest.raises(ConfigError, match=r"stage2\.label_source"):
         resolve_config(overrides=["stage2.label_source=false"])
+
+
+def test_renamed_key_stage2_backend_still_loads(caplog) -> None:
+    """``stage2.backend`` (the distributed strategy's old name) is read as ``stage2.strategy``:
+    from a saved config and as an override; an override of the new name wins over an old-named key
+    from a file; both names in one section is refused with the fix."""
+    import logging
+
+    from dpt_engine.config.base import ConfigError, apply_overrides, from_dict
+    from dpt_engine.config.schema import DiffusionConfig, PipelineConfig
+
+    with caplog.at_level(logging.INFO, logger="dpt_engine"):
+        assert from_dict(DiffusionConfig, {"backend": "ddp"}).strategy == "ddp"
+    data = apply_overrides({}, ["stage2.backend=fsdp2"], PipelineConfig)
+    assert data == {"stage2": {"strategy": "fsdp2"}}
+    saved = {"stage2": {"backend": "single"}}
+    assert apply_overrides(saved, ["stage2.strategy=deepspeed"], PipelineConfig) == {
+        "stage2": {"strategy": "deepspeed"}
+    }
+    with pytest.raises(ConfigError, match=r"keep only 'stage2\.strategy'"):
+        from_dict(PipelineConfig, {"stage2": {"backend": "ddp", "strategy": "single"}})
+    assert not hasattr(DiffusionConfig(), "backend")

@@ -73,7 +73,7 @@ def _cfg(backend: str, zero_stage: int, grad_accum: int) -> DiffusionConfig:
         warmup_steps=1,
         log_every=1,
         checkpoint_every=INTERRUPT,
-        backend=backend,
+        strategy=backend,
         zero_stage=zero_stage,
         grad_accum=grad_accum,
         keep_checkpoints=1,

@@ -55,7 +55,7 @@ def test_keep_last_n_and_meta(tmp_path):
     dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert dirs == ["step-00000005", "step-00000006"]
     meta = json.loads((tmp_path / "checkpoints" / "step-00000006" / "meta.json").read_text())
-    assert meta["step"] == 6 and meta["backend"] == "single" and meta["world_size"] == 1
+    assert meta["step"] == 6 and meta["strategy"] == "single" and meta["world_size"] == 1
     assert {"trainer.pt", "model_optim.pt", "rng-rank0.pt"} <= set(meta["files"])
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(exported) == {"model", "ema", "step"} and exported["step"] == 6
@@ -122,17 +122,17 @@ def test_rng_states_round_trip(tmp_path):
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
-def test_resuming_with_an_incompatible_backend_fails_clearly(tmp_path):
+@pytest.mark.parametrize("key", ["strategy", "backend"])  # "backend": checkpoints before the rename
+def test_resuming_with_an_incompatible_strategy_fails_clearly(tmp_path, key):
     net, data, cfg = _make()
     fit_diffusion(net, cfg, data, tmp_path, CPU, seed=0, progress=False)
     meta_path = tmp_path / "checkpoints" / "step-00000006" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta.update(backend="fsdp2", full_state=False)
+    meta.pop("strategy")
+    meta.update({key: "fsdp2", "full_state": False})
     meta_path.write_text(json.dumps(meta))
     net, data, cfg = _make()
-    with pytest.raises(
-        ValueError, match=r"written by stage2\.backend=fsdp2 .* cannot be resumed with backend=single"
-    ):
+    with pytest.raises(ValueError, match=r"written by stage2\.strategy=fsdp2 .* cannot be resumed with"):
         fit_diffusion(net, cfg, data, tmp_path, CPU, seed=0, progress=False)
 
 

@@ -141,13 +141,13 @@ def test_grad_accumulation_and_checkpointing_match_plain_training(tmp_path):
 def test_bad_settings_fail_clearly(monkeypatch):
     with pytest.raises(ConfigError, match=r"not divisible by stage2\.grad_accum"):
         DiffusionConfig(batch_size=10, grad_accum=4).validate()
-    with pytest.raises(ConfigError, match=r"offload_optimizer=true needs stage2\.backend=deepspeed"):
-        DiffusionConfig(backend="ddp", offload_optimizer=True).validate()
+    with pytest.raises(ConfigError, match=r"offload_optimizer=true needs stage2\.strategy=deepspeed"):
+        DiffusionConfig(strategy="ddp", offload_optimizer=True).validate()
     with pytest.raises(ConfigError, match="zero_stage must be"):
-        DiffusionConfig(backend="deepspeed", zero_stage=4).validate()
+        DiffusionConfig(strategy="deepspeed", zero_stage=4).validate()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(
-        ValueError, match=r"stage2\.backend=single but this process is rank 1 of WORLD_SIZE=2"
+        ValueError, match=r"stage2\.strategy=single but this process is rank 1 of WORLD_SIZE=2"
     ):
         setup_process_group("single", CPU)

@@ -49,7 +49,7 @@ def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
         "--out",
         str(dist_out),
         *ARGS,
-        "stage2.backend=ddp",
+        "stage2.strategy=ddp",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -61,7 +61,7 @@ def test_torchrun_stage2_ddp_matches_single_process(tmp_path):
     assert "[rank 1]" in (dist_out / "log.rank1.txt").read_text()
     d_done = json.loads((dist_out / "stage2" / "done.json").read_text())
     s_done = json.loads((single_out / "stage2" / "done.json").read_text())
-    assert d_done["summary"]["world_size"] == 2 and d_done["summary"]["backend"] == "ddp"
+    assert d_done["summary"]["world_size"] == 2 and d_done["summary"]["strategy"] == "ddp"
     assert d_done["fingerprint"] == s_done["fingerprint"]  # the backend is not fingerprinted
     d_hist = json.loads((dist_out / "stage2" / "history.json").read_text())
     s_hist = json.loads((single_out / "stage2" / "history.json").read_text())

@@ -3,12 +3,18 @@
 ``from_dict`` rejects unknown keys and values of the wrong type with a message naming the full
 dotted key, so ``stage1.lr=abc`` fails as ``stage1.lr: expected float, got str 'abc'``.
 ``apply_overrides`` applies ``key=value`` strings (values parsed as YAML scalars).
+
+A key that was renamed stays accepted: a config class lists ``RENAMED_KEYS = {"old": "new"}`` (a
+class attribute, not a field), and the old key is read as the new one with one log line, so
+configs saved by earlier versions keep loading.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import logging
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -16,6 +22,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 __all__ = ["ConfigError", "apply_overrides", "from_dict", "load_yaml", "parse_override", "to_dict"]
+
+
+log = logging.getLogger("dpt_engine")
 
 
 class ConfigError(ValueError):
@@ -100,6 +109,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; missing keys take defaults, unknown keys fail."""
     data = dict(data or {})
+    for old, new in getattr(cls, "RENAMED_KEYS", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(
+                    f"config keys '{prefix}{old}' and '{prefix}{new}' both given: '{old}' is the old "
+                    f"name of '{new}'; keep only '{prefix}{new}'"
+                )
+            _say_renamed(f"{prefix}{old}", f"{prefix}{new}")
+            data[new] = data.pop(old)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -125,6 +143,11 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
                 raise ConfigError(f"{section}.{msg}") from None
             raise
     return obj
+
+
+@functools.cache
+def _say_renamed(old: str, new: str) -> None:
+    log.info("config key %s is now %s; read as %s", old, new, new)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -165,8 +188,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
     for item in overrides:
         key, value = parse_override(item)
         parts = key.split(".")
-        if cls is not None:
-            _check_path(cls, parts, key)
+        section = _check_path(cls, parts, key) if cls is not None else None
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -176,22 +198,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
                 raise ConfigError(f"override '{key}': '{p}' is not a section")
             node = nxt
         node[parts[-1]] = value
+        for old, new in getattr(section, "RENAMED_KEYS", {}).items():
+            if new == parts[-1]:
+                node.pop(old, None)  # the override wins over an old-named key from a saved config
     return data
 
 
-def _check_path(cls: type, parts: list[str], full: str) -> None:
+def _check_path(cls: type, parts: list[str], full: str) -> Any:
+    """Check dotted ``parts`` against the dataclass tree (renamed keys are rewritten in place to
+    their new names); returns the dataclass that holds the last key."""
     tp: Any = cls
     done: list[str] = []
+    section: Any = cls
     for p in parts:
         while get_origin(tp) in (Union, types.UnionType):
             tp = next(a for a in get_args(tp) if a is not type(None))
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"override '{full}': '{'.'.join(done)}' has no sub-keys")
         hints = get_type_hints(tp)
+        renamed = getattr(tp, "RENAMED_KEYS", {})
+        if p in renamed:
+            _say_renamed(".".join([*done, p]), ".".join([*done, renamed[p]]))
+            p = parts[len(done)] = renamed[p]
         if p not in hints:
             raise ConfigError(f"unknown config key '{'.'.join([*done, p])}'.{_suggest(p, list(hints))}")
+        section = tp
         tp = hints[p]
         done.append(p)
+    return section
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from .base import ConfigError
 
@@ -189,6 +189,10 @@ class DiffusionConfig:
     AdamW with linear warmup then constant lr; an fp32 EMA of the weights (used for sampling).
     """
 
+    # ``backend`` was the distributed strategy's name before 2026-12 (now ``strategy``, so that
+    # "backend" names only kernel implementations)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"backend": "strategy"}
+
     model: str = "uvit-tiny8"  # denoiser registry name: uvit-* or unet-* (models.denoisers.list_denoisers())
     schedule: ScheduleName = "discrete-linear"
     steps: int = 4000
@@ -218,11 +222,12 @@ class DiffusionConfig:
     # Distributed training (dpt_engine.train). The global batch is drawn the same way whatever the
     # backend, world size or accumulation, so these change results only at rounding level.
     # single | ddp | fsdp2 | deepspeed; launch the last three with torchrun (README "Training at scale")
-    backend: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
     zero_stage: int = 2  # deepspeed only: ZeRO stage 0-3
     offload_optimizer: bool = False  # deepspeed only (ZeRO >= 1): optimizer states and step on the CPU
-    # bf16: autocast (single, ddp), bf16 compute params (fsdp2, deepspeed); fp32 master weights and EMA
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: autocast (single, ddp), bf16 compute params (fsdp2, deepspeed); fp32 master weights and EMA;
+    # auto: what dpt_engine.utils.precision.resolve_precision picks for the device (said once in the log)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_accum: int = 1  # micro-batches per optimizer step (on each rank)
     grad_checkpointing: bool = False  # recompute U-ViT blocks in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the network
@@ -249,10 +254,10 @@ class DiffusionConfig:
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"stage2.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_optimizer and (self.backend != "deepspeed" or self.zero_stage == 0):
+        if self.offload_optimizer and (self.strategy != "deepspeed" or self.zero_stage == 0):
             raise ConfigError(
-                "stage2.offload_optimizer=true needs stage2.backend=deepspeed with stage2.zero_stage >= 1 "
-                f"(got backend={self.backend}, zero_stage={self.zero_stage})"
+                "stage2.offload_optimizer=true needs stage2.strategy=deepspeed with stage2.zero_stage >= 1 "
+                f"(got strategy={self.strategy}, zero_stage={self.zero_stage})"
             )
         from ..models.denoisers import list_denoisers
 

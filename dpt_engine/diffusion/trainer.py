@@ -6,7 +6,7 @@ replaced by the null class with probability ``label_dropout`` so the same networ
 the unconditional epsilon for classifier-free guidance. AdamW, linear warmup then constant lr,
 optional gradient clipping, fp32 EMA of the weights through the kernel dispatch.
 
-Backends (``stage2.backend``): ``single`` (default), ``ddp``, ``fsdp2``, ``deepspeed`` (ZeRO 0-3),
+Distributed strategies (``stage2.strategy``): ``single`` (default), ``ddp``, ``fsdp2``, ``deepspeed`` (ZeRO 0-3),
 all behind ``dpt_engine.train.engine.Backend``. One generator draws each step's global batch
 (``dpt_engine.train.batch``); every rank trains on its slice with the loss normalised to the global
 batch, so every backend and world size trains the same model up to rounding, and the single-process
@@ -133,7 +133,7 @@ def fit_diffusion(
     seed: int,
     progress: bool = True,
 ) -> DiffusionFit:
-    """Train ``net`` (a U-ViT predicting epsilon) for ``cfg.steps`` steps with ``cfg.backend``; return its EMA.
+    """Train ``net`` (a U-ViT predicting epsilon) for ``cfg.steps`` steps with ``cfg.strategy``; return its EMA.
 
     Under a multi-process launcher every rank calls this with the same arguments; every rank
     returns the full EMA network. Rank 0 writes ``work_dir/model.pt`` (plain ``model`` and ``ema``
@@ -143,11 +143,11 @@ def fit_diffusion(
 
     torch.manual_seed(seed)
     schedule = make_schedule(cfg.schedule)
-    info = setup_process_group(cfg.backend, device)
+    info = setup_process_group(cfg.strategy, device)
     if device.type == "cuda" and info.world_size > 1:
         device = torch.device("cuda", info.local_rank)
     # sharding backends change the module in place: keep a plain copy to return the EMA in
-    template = None if cfg.backend in ("single", "ddp") else copy.deepcopy(net)
+    template = None if cfg.strategy in ("single", "ddp") else copy.deepcopy(net)
     backend = build_backend(net, cfg, device, info)
     gen = torch.Generator().manual_seed(seed)
     guard = BadStepGuard(cfg.max_bad_steps)
@@ -236,7 +236,7 @@ def _save(
                     f,
                 )
 
-    meta = {"backend": backend.name, "full_state": backend.full_state, "zero_stage": backend.cfg.zero_stage}
+    meta = {"strategy": backend.name, "full_state": backend.full_state, "zero_stage": backend.cfg.zero_stage}
     ckpts.save(step, write, meta)
 
 
@@ -262,12 +262,13 @@ def _resume(
             return int(state["step"]), list(state["history"])
         return 0, []
     meta = ckpts.read_meta(latest)
-    same_kind = meta["backend"] == backend.name or (meta.get("full_state") and backend.full_state)
+    written_by = meta.get("strategy", meta.get("backend"))  # "backend" before the rename
+    same_kind = written_by == backend.name or (meta.get("full_state") and backend.full_state)
     if not same_kind or (backend.name == "deepspeed" and meta.get("zero_stage") != backend.cfg.zero_stage):
         raise ValueError(
-            f"{latest} was written by stage2.backend={meta['backend']} (zero_stage={meta.get('zero_stage')}) "
-            f"and cannot be resumed with backend={backend.name} (zero_stage={backend.cfg.zero_stage}): "
-            "resume with the original backend (single and ddp checkpoints are interchangeable), or move "
+            f"{latest} was written by stage2.strategy={written_by} (zero_stage={meta.get('zero_stage')}) "
+            f"and cannot be resumed with strategy={backend.name} (zero_stage={backend.cfg.zero_stage}): "
+            "resume with the original strategy (single and ddp checkpoints are interchangeable), or move "
             "the checkpoints directory away to start over"
         )
     if meta["world_size"] != info.world_size and backend.name == "deepspeed":

@@ -25,6 +25,7 @@ from ..models.autoencoder import BaseAutoencoder
 from ..train.engine import setup_process_group
 from ..utils.io import atomic_write_json
 from ..utils.pixels import uint8_to_model_space
+from ..utils.precision import resolve_precision
 from .artifacts import build_uvit, load_stage2_autoencoder
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
@@ -93,7 +94,7 @@ _NOT_FINGERPRINTED = (
     "max_bad_steps",
     "grad_checkpointing",
     "compile",
-    "backend",
+    "strategy",
     "zero_stage",
     "offload_optimizer",
     "grad_accum",
@@ -101,11 +102,13 @@ _NOT_FINGERPRINTED = (
 
 
 def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -> StageResult:
-    """Train stage 2 with ``stage2.backend``; under ``torchrun`` every rank calls this (rank 0 writes)."""
+    """Train stage 2 with ``stage2.strategy``; under ``torchrun`` every rank calls this (rank 0 writes)."""
     cfg = ctx.cfg.stage2
     d = to_dict(cfg)
     for k in _NOT_FINGERPRINTED:
         d.pop(k)
+    # the precision that runs, not the word: "auto" and what it resolves to train the same model
+    d["precision"] = resolve_precision(cfg.precision, ctx.device, "stage2.precision")
     fingerprint = {
         "data": data_fingerprint(ctx.cfg),
         "stage2": d,
@@ -113,7 +116,7 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
         "seed": ctx.cfg.run.seed,
     }
     # join the launcher's process group first: run_stage's barriers need it
-    info = setup_process_group(cfg.backend, ctx.device)
+    info = setup_process_group(cfg.strategy, ctx.device)
 
     loaded: dict[str, Any] = {}
 
@@ -185,7 +188,7 @@ def run_stage2(ctx: StageContext, splits: DatasetSplits, upstream: str | None) -
             "params": n_params,
             "final_loss": fit.history[-1]["loss"] if fit.history else None,
             "resumed_from_step": fit.resumed_from,
-            "backend": cfg.backend,
+            "strategy": cfg.strategy,
             "world_size": info.world_size,
             **label_info,
         }

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ..config.schema import DiffusionConfig
 from ..kernels import ema_update_
 from ..utils.dist import DistInfo, dist_info, free_port, init_distributed
+from ..utils.precision import resolve_precision
 
 log = logging.getLogger("dpt_engine")
 
@@ -86,8 +87,8 @@ def setup_process_group(backend: str, device: torch.device) -> DistInfo:
     if backend == "single":
         if info.world_size > 1:
             raise ValueError(
-                f"stage2.backend=single but this process is rank {info.rank} of WORLD_SIZE={info.world_size}: "
-                "set stage2.backend=ddp, fsdp2 or deepspeed to train across processes, or launch one process"
+                f"stage2.strategy=single but this process is rank {info.rank} of WORLD_SIZE={info.world_size}: "
+                "set stage2.strategy=ddp, fsdp2 or deepspeed to train across processes, or launch one process"
             )
         return info
     if dist.is_initialized():
@@ -130,7 +131,7 @@ class Backend(ABC):
         self.cfg = cfg
         self.device = device
         self.info = info
-        self.bf16 = cfg.precision == "bf16"
+        self.bf16 = resolve_precision(cfg.precision, device, "stage2.precision") == "bf16"
 
     # -- per step -----------------------------------------------------------------------------------
     @abstractmethod
@@ -470,10 +471,10 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         if self.engine.was_step_applied():
             raise RuntimeError(
-                f"stage2: DeepSpeed (zero_stage={self.cfg.zero_stage}, {self.cfg.precision}) applied an "
+                f"stage2: DeepSpeed (zero_stage={self.cfg.zero_stage}, bf16={self.bf16}) applied an "
                 "optimizer step although the loss was non-finite: this configuration does not check "
                 "gradients for overflow (ZeRO 1-3 do), so the weights may now be corrupt. Restart from the "
-                "last checkpoint (it predates this step), and use stage2.zero_stage>=1 or backend=ddp to "
+                "last checkpoint (it predates this step), and use stage2.zero_stage>=1 or strategy=ddp to "
                 "skip such steps, or lower stage2.lr / fix the data."
             )
 
@@ -524,14 +525,14 @@ class DeepSpeedBackend(Backend):
 def build_backend(
     net: torch.nn.Module, cfg: DiffusionConfig, device: torch.device, info: DistInfo
 ) -> Backend:
-    """The backend named by ``cfg.backend`` around ``net`` (moved to ``device``; may be sharded in place)."""
+    """The backend of the strategy ``cfg.strategy`` around ``net`` (moved to ``device``; may be sharded in place)."""
     cls = {"single": SingleBackend, "ddp": DDPBackend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}
-    if cfg.backend not in cls:
-        raise ValueError(f"unknown stage2.backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+    if cfg.strategy not in cls:
+        raise ValueError(f"unknown stage2.strategy {cfg.strategy!r}; choose from {', '.join(BACKENDS)}")
     if cfg.batch_size % (info.world_size * cfg.grad_accum):
         n = info.world_size * cfg.grad_accum
         raise ValueError(
             f"stage2.batch_size={cfg.batch_size} must be a multiple of world_size x grad_accum = "
             f"{info.world_size} x {cfg.grad_accum} = {n} (every rank takes equal micro-batches)"
         )
-    return cls[cfg.backend](net, cfg, device, info)
+    return cls[cfg.strategy](net, cfg, device, info)

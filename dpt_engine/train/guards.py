@@ -106,7 +106,7 @@ def oom_hint(
         ]
         if not grad_checkpointing:
             tips.append("set stage2.grad_checkpointing=true (recompute activations in backward)")
-        tips.append("use stage2.precision=bf16, or shard with stage2.backend=fsdp2 / deepspeed zero_stage=3")
+        tips.append("use stage2.precision=bf16, or shard with stage2.strategy=fsdp2 / deepspeed zero_stage=3")
         msg = (
             f"stage2: out of memory with a micro-batch of {micro_batch} images per rank: "
             + "; ".join(tips)
