@@ -15,9 +15,9 @@ its own, as its code does:
   group over ``nnet.parameters()`` (weight decay on everything), a ``LambdaLR`` warm-up stepped every
   step, ``zero_grad``, and the per-tensor EMA ``p_ema.mul_(rate).add_((1 - rate) * p)`` (a temporary
   per tensor) at a constant rate (no warm-up). Attention: SDPA on q, k, v upcast to fp32 (the
-  original's ``.float()``). Precision: fp32 on a CPU (the original has no CPU mixed precision); on
-  CUDA ``original-amp`` adds what its README launches, ``accelerate --mixed_precision fp16``
-  (fp16 autocast with a gradient scaler).
+  original's ``.float()``). ``original-amp``: the same under accelerate's mixed precision, on CUDA
+  what its README launches (``--mixed_precision fp16``: fp16 autocast with a gradient scaler), on
+  a CPU ``--mixed_precision bf16`` (bf16 autocast, no scaler), the counterpart of our bf16 step.
 * ``reference`` (not timed): the same step as ``dpt_engine-fp32`` written in plain PyTorch (our
   parameter groups, our batch draws, our EMA warm-up): the correctness reference. One step of every
   timed engine variant from the same weights and batch is compared with it (``*_rel_diff`` rows);
@@ -39,7 +39,7 @@ compute precision from ``dpt_engine.train.guards.peak_flops``: a datasheet figur
 ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU only the process's peak RSS, which covers
 every variant and the imports, labelled so), and paired speed-ups against ``original``, each named
 by its ``comparison``: ``equal settings`` (``dpt_engine-fp32`` vs ``original``, both fp32, same batch
-size) and ``defaults`` (what each gives a user who runs it as documented: ours at
+size; on a CPU also ``dpt_engine-bf16`` vs ``original-amp``, both bf16 autocast) and ``defaults`` (what each gives a user who runs it as documented: ours at
 ``stage2.precision=auto`` -- fp32 on a CPU, bf16 autocast on CUDA -- against the original in fp32 on a
 CPU, ``original-amp`` on CUDA). ``dpt_engine-bf16`` vs ``dpt_engine-fp32`` is named ``precision``: what
 bf16 autocast adds, which the original could use too -- never an engine speed-up.
@@ -284,9 +284,9 @@ class OriginalTrainer:
         seed: int,
         amp: bool = False,
     ) -> None:
-        if amp and device.type != "cuda":
-            raise ValueError("original-amp (fp16 autocast + GradScaler) runs on CUDA only")
         self.cfg, self.device, self.amp = cfg, device, amp
+        # accelerate's mixed precision: fp16 + GradScaler on CUDA (the README's launch), bf16 on a CPU
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         if amp:
             self.name = "original-amp"
         self.net = original_uvit(net).to(device).train()
@@ -298,7 +298,7 @@ class OriginalTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(step / warmup, 1.0) if warmup > 0 else 1.0
         )
-        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
         # the schedule as float64 numpy arrays over n = 0..N (n = 0: no noise)
         betas = np.append(0.0, make_schedule(cfg.schedule).betas.double().numpy())
         self.cum_alphas = np.cumprod(1.0 - betas)
@@ -341,7 +341,7 @@ class OriginalTrainer:
     def step(self) -> torch.Tensor:
         x0, y = self._batch()
         self.optimizer.zero_grad()
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             loss = self._loss(x0, y)
         if self.scaler is not None:
             self.scaler.scale(loss.mean()).backward()
@@ -428,11 +428,9 @@ def make_trainer(
 
 
 def default_variants(device: torch.device, compile: bool = False) -> list[str]:
-    """What runs without ``--variants``: the original (and on CUDA its documented fp16 mixed
-    precision), ours in fp32 and bf16 (and compiled with ``compile``)."""
+    """What runs without ``--variants``: the original in fp32 and under accelerate's mixed
+    precision, ours in fp32 and bf16 (and compiled with ``compile``)."""
     skip = {"dpt_engine-bf16-compile"} if not compile else set()
-    if device.type != "cuda":
-        skip.add("original-amp")
     return [v for v in VARIANTS if v not in skip]
 
 
@@ -445,6 +443,8 @@ def comparisons(device: torch.device) -> list[tuple[str, str, str]]:
     original_default = "original-amp" if device.type == "cuda" else BASELINE
     return [
         ("dpt_engine-fp32", BASELINE, "equal settings"),
+        # both bf16 autocast on a CPU; on CUDA the original's mixed precision is fp16
+        *([("dpt_engine-bf16", "original-amp", "equal settings")] if device.type != "cuda" else []),
         (ours_default, original_default, "defaults"),
         ("dpt_engine-bf16", "dpt_engine-fp32", "precision"),
         ("dpt_engine-bf16-compile", "dpt_engine-bf16", "compile"),
@@ -511,8 +511,6 @@ def run(args: argparse.Namespace) -> list[Row]:
         names = [v for v in VARIANTS if v in args.variants]
     else:
         names = default_variants(device, args.compile)
-    if "original-amp" in names and not cuda:
-        raise SystemExit("original-amp is the original's fp16 mixed precision: CUDA only")
     trainers = {v: make_trainer(v, net, args.batch, data, device, args.seed, args.model) for v in names}
 
     # Agreement: the first step of every engine variant against the plain-PyTorch reference from
@@ -573,7 +571,11 @@ def run(args: argparse.Namespace) -> list[Row]:
     for v in names:
         bf16 = v in ("dpt_engine-bf16", "dpt_engine-bf16-compile")
         precision = (
-            "bf16 autocast" if bf16 else "fp16 autocast + GradScaler" if v == "original-amp" else "fp32"
+            "bf16 autocast"
+            if bf16 or (v == "original-amp" and not cuda)
+            else "fp16 autocast + GradScaler"
+            if v == "original-amp"
+            else "fp32"
         )
         peak, source = peaks[bf16 or v == "original-amp"]  # fp16 and bf16 share a tensor-core peak
         cfg = {**config, "precision": precision, "compile": v.endswith("compile"),
