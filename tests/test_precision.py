@@ -18,6 +18,6 @@ def test_auto_choice_and_one_log_line(caplog, monkeypatch) -> None:
         assert P.resolve_precision("bf16", "cpu", "sample.precision") == "bf16"  # explicit: kept, no log
     lines = [r.getMessage() for r in caplog.records if "sample.precision=auto" in r.getMessage()]
     assert len(lines) == 1 and "-> fp32" in lines[0]
-    assert ("native bf16, set sample.precision=bf16" in lines[0]) == P.cpu_has_native_bf16()
+    assert ("native bf16: sample.precision=bf16" in lines[0]) == P.cpu_has_native_bf16()
     with pytest.raises(ValueError, match=r"sample\.precision must be"):
         P.resolve_precision("fp16", "cpu", "sample.precision")

@@ -1,8 +1,10 @@
 """What ``precision=auto`` means, in one place, and saying once what it chose and why.
 
 ``auto`` is bf16 autocast (fp32 master weights, EMA and evaluation) on CUDA and fp32 elsewhere.
-On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 is faster (here: training 1.42x, sampling
-1.55-1.75x), but ``auto`` does not pick it until a quality check on every preset shows no loss;
+On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 is faster for 28x28 models (training 1.3-1.4x,
+sampling 1.55-1.75x) but not for the digits preset's 8x8 U-ViT (stage 2 471 s vs 340 s), whose
+generator it also made worse (FID 44.5 vs 39.1 from the same stage 1:
+``benchmarks/results/precision_auto_check_digits.md``). So ``auto`` stays fp32 on every CPU and
 the fashion-mnist preset sets bf16 explicitly, where it was measured. The log line says so.
 """
 
@@ -34,8 +36,9 @@ def _say_once(what: str, device_type: str, choice: str) -> None:
     if device_type == "cuda":
         why = "bf16 autocast on CUDA"
     elif cpu_has_native_bf16():
-        why = (f"fp32 on a CPU; this CPU has native bf16, set {what}=bf16 for ~1.4-1.7x "
-               "(auto will choose it once a quality check covers every preset)")  # fmt: skip
+        why = (f"fp32 on a CPU; this CPU has native bf16: {what}=bf16 is ~1.3-1.7x faster for "
+               "28x28+ models, but not for tiny ones and not shown to keep quality everywhere "
+               "(benchmarks/results/precision_auto_check_digits.md)")  # fmt: skip
     else:
         why = "fp32 on a CPU without native bf16"
     log.info("%s=auto -> %s (%s)", what, choice, why)
