@@ -5,7 +5,7 @@ Variants with the network (all timed interleaved in one process, see ``benchmark
 
 * ``dpt_engine``: ``DPMSolverPP.sample`` multistep order 2 with ``cfg_eps_fn`` (one forward of the
   doubled batch ``cat([x, x])`` with labels ``cat([y, null])`` per step).
-* ``dpt_engine-fused``: what stage 2 runs (``dpt_engine.stages.sample``): ``sample_multistep_fused``
+* ``dpt_engine-fused``: what sampling runs on GPUs (``dpt_engine.stages.sample``; on a CPU ``-fused-two``): ``sample_multistep_fused``
   with ``doubled_eps_fn``, i.e. the same forward, then guidance, data prediction and update in one
   ``solver_step`` through the kernel dispatch (the C++ op on CPU when built, else the reference).
 * ``diffusers``: ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 2, midpoint, the same
