@@ -90,7 +90,14 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
         effect
     )
     assert (results / "quality_fashion_mnist.png").stat().st_size > 1000
-    assert "| 1 |" in (results / "quality_fashion_mnist.md").read_text()
+    md = (results / "quality_fashion_mnist.md").read_text()
+    assert "| 1 |" in md and "DPT on digits" in md
+    # the per-seed values behind the means, each gain with its paired interval from the run's report
+    lo, hi = report["stage3"]["gain_stats"]["ci95"]
+    assert by_name["k1_s0"]["stage3_gain_ci95"] == [lo, hi]
+    assert by_name["k1_s0"]["num_eval"] == report["num_eval"] > 0
+    assert f"test split of {report['num_eval']:,} images" in md
+    assert f"({lo:+.1f}..{hi:+.1f})" in next(line for line in md.splitlines() if line.startswith("| k1_s0 |"))
     # a second call finds every stage done and only re-reads the reports: no stage artifact is rewritten
     stage_files = {
         p: p.stat().st_mtime_ns

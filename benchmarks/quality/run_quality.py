@@ -187,6 +187,9 @@ def _record(
         "overrides": [o for o in run["overrides"] + extra if not o.startswith("sample.fid_cache=")],
         "config_digest": config_digest(preset, run["overrides"] + extra),
         "metrics": report["metrics"],
+        # the paired 95% interval of the stage-3 gain over the test images, and their number
+        "stage3_gain_ci95": (report.get("stage3", {}).get("gain_stats") or {}).get("ci95"),
+        "num_eval": report.get("num_eval"),
         "wall_time_s": report["wall_time_s"],
         "wall_time_this_call_s": seconds,
         "threads": threads if threads is not None else torch.get_num_threads(),
@@ -211,6 +214,18 @@ def _committed_record(
     if rec.get("config_digest") != config_digest(preset, run["overrides"] + extra):
         return None  # the preset or the overrides changed since: run it again
     return rec
+
+
+def _backfill(rec: dict[str, Any], report_path: Path) -> dict[str, Any]:
+    """A record committed before records carried the gain's interval and the test-split size:
+    both read from the run's report where the run directory is still here."""
+    from dpt_engine.utils.io import read_json
+
+    if "num_eval" in rec or not report_path.is_file():
+        return rec
+    report = read_json(report_path)
+    ci = (report.get("stage3", {}).get("gain_stats") or {}).get("ci95")
+    return {**rec, "stage3_gain_ci95": ci, "num_eval": report.get("num_eval")}
 
 
 def _finished_record(run: dict[str, Any], out: Path, extra: list[str], preset: str) -> dict[str, Any] | None:
@@ -313,9 +328,58 @@ def _fmt(e: dict[str, Any] | None, digits: int = 1) -> str:
     return f"{e['mean']:.{digits}f} +- {e['std']:.{digits}f} (n={e['n']})"
 
 
+# test-split sizes of the presets, for records written before they carried num_eval
+_TEST_IMAGES = {"fashion-mnist": 10000, "digits": 500}
+
+
+def _per_run_table(records: list[dict[str, Any]]) -> list[str]:
+    """Every DPT run on its own: the values behind the means, with the gain's paired interval."""
+    rows = [r for r in records if r["kind"] == "dpt"]
+    if not rows:
+        return []
+    abl = {(r["labels_per_class"], r["seed"]): r for r in records if r["kind"] == "ablation-no-pseudo"}
+    out = [
+        "",
+        "Per run (gain with its paired 95% interval over the test images; wall time of the four stages):",
+        "",
+        "| run | stage-1 top-1 (%) | FID | stage-3 top-1 (%) | gain (points) | without pseudo images (%) "
+        "| wall time (min) | threads | commit |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["labels_per_class"], r["seed"])):
+        m = r["metrics"]
+
+        def f(key: str, digits: int = 1, m=m) -> str:
+            v = m.get(key)
+            return "-" if v is None else f"{v:.{digits}f}"
+
+        gain = "-" if m.get("stage3.gain") is None else f"{m['stage3.gain']:+.1f}"
+        ci = r.get("stage3_gain_ci95")
+        if ci and gain != "-":
+            gain += f" ({ci[0]:+.1f}..{ci[1]:+.1f})"
+        a = abl.get((r["labels_per_class"], r["seed"]))
+        no_pseudo = (
+            "-"
+            if a is None or a["metrics"].get("stage3.top1") is None
+            else f"{a['metrics']['stage3.top1']:.1f}"
+        )
+        wall = sum(r["wall_time_s"].values()) / 60
+        out.append(
+            f"| {r['name']} | {f('stage1.top1')} | {f('generation.fid')} | {f('stage3.top1')} | {gain} "
+            f"| {no_pseudo} | {wall:.1f} | {r.get('threads', '-')} | {r.get('commit', '-')} |"
+        )
+    return out
+
+
 def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
+    dataset = {"fashion-mnist": "Fashion-MNIST", "digits": "digits"}.get(meta["preset"], meta["preset"])
+    n_eval = {r.get("num_eval") for r in meta.get("records", []) if r.get("num_eval")}
+    n_test = n_eval.pop() if len(n_eval) == 1 else _TEST_IMAGES.get(meta["preset"])
+    split = f"test split of {n_test:,} images" if n_test else "the preset's test split"
+    if n_test:
+        split += f" (one image = {100 / n_test:.2g} points)"
     lines = [
-        "# Quality benchmark: DPT on Fashion-MNIST",
+        f"# Quality benchmark: DPT on {dataset}",
         "",
         f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['device']}, commit {meta['commit']}, "
         f"total wall time of the runs {meta['total_wall_time_s'] / 3600:.2f} h.",
@@ -324,7 +388,7 @@ def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     if not meta.get("complete", True):
         lines += [f"**Incomplete**: not yet run: {', '.join(meta.get('missing', [])) or '?'}.", ""]
     lines += [
-        "Mean +- sample standard deviation over label seeds (n = seeds); test split of 10,000 images.",
+        f"Mean +- sample standard deviation over label seeds (n = seeds); {split}.",
         "",
         "| labels/class | stage-1 top-1 (%) | pseudo-label acc. (%) | FID (pseudo-label model) "
         "| stage-3 top-1 (%) | stage-3 gain (points) | stage 3 without pseudo images (%) "
@@ -343,6 +407,7 @@ def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
         "with `stage3.pseudo_weight=0` (no pseudo images) on the same stage 1, so the last column is what "
         "the pseudo images themselves add (paired by seed).",
     ]
+    lines += _per_run_table(meta.get("records", []))
     refs = agg["reference_fid"]
     if refs:
         true_fid = refs.get("true")
@@ -498,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         # rewritten after every run, so an interrupted benchmark keeps what it finished
         atomic_write_json(results / f"{args.name}.json", {"meta": meta, "aggregate": agg, "runs": records})
-        atomic_write_text(results / f"{args.name}.md", markdown(agg, meta))
+        md = markdown(agg, {**meta, "records": records})
+        atomic_write_text(results / f"{args.name}.md", md)
         plot(agg, results / f"{args.name}.png")
-        return markdown(agg, meta)
+        return md
 
     def finish(i: int, rec: dict[str, Any]) -> str:
         done[i] = rec
@@ -510,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, run in enumerate(runs):  # finished in an earlier sitting: not recomputed
         rec = _committed_record(run_record_path(results, args.name, run), args.preset, run, extra)
         if rec is not None:
-            done[i] = rec
+            done[i] = _backfill(rec, out / run["name"] / "report.json")
             print(f"[quality] {run['name']}: committed result reused", flush=True)
     todo = [i for i in range(len(runs)) if i not in done]
 
