@@ -227,22 +227,25 @@ def test_disk_full_during_a_checkpoint_save_then_resume(tmp_path, monkeypatch, c
     out = tmp_path / "run"
     argv = ["run", "--preset", "digits", "--out", str(out), "--no-progress", *FAST,
             "stage2.steps=6", "stage2.checkpoint_every=2"]  # fmt: skip
-    real = ckpt_mod.capture_rng_state
-    calls = {"n": 0}
+    real = ckpt_mod.CheckpointManager.save
 
-    def full_disk():
-        calls["n"] += 1
-        if calls["n"] == 2:  # the step-4 save
-            raise OSError(errno.ENOSPC, "No space left on device", str(out / "stage2" / "checkpoints"))
-        return real()
+    def full_disk(self, step, write, meta):
+        if self.root.parent.name == "stage2" and step == 4:  # stage 2's second save runs out of space
 
-    monkeypatch.setattr(ckpt_mod, "capture_rng_state", full_disk)
+            def write_then_fail(tmp):
+                write(tmp)
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.root))
+
+            return real(self, step, write_then_fail, meta)
+        return real(self, step, write, meta)
+
+    monkeypatch.setattr(ckpt_mod.CheckpointManager, "save", full_disk)
     rc, err = _run(argv, capsys)
     assert rc == 2 and "no space left on the device" in _one_error_line(err)
     assert not list((out / "stage2").rglob(".tmp-step-*"))
     assert (out / "stage1" / "done.json").is_file() and (out / "config.yaml").is_file()
     s1 = (out / "stage1" / "done.json").read_bytes()
-    monkeypatch.setattr(ckpt_mod, "capture_rng_state", real)
+    monkeypatch.setattr(ckpt_mod.CheckpointManager, "save", real)
     rc, err = _run(argv, capsys)
     assert rc == 0, err
     assert (out / "stage1" / "done.json").read_bytes() == s1

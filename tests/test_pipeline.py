@@ -104,7 +104,7 @@ def test_interrupted_stage_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("DPT_TEST_INTERRUPT_AT_STEP", "16")
     with pytest.raises(KeyboardInterrupt):
         run_stage1(ctx, splits)
-    assert (out / "stage1" / "checkpoint.pt").is_file()
+    assert (out / "stage1" / "checkpoints" / "step-00000016" / "meta.json").is_file()
     assert not (out / "stage1" / "done.json").exists()
     monkeypatch.delenv("DPT_TEST_INTERRUPT_AT_STEP")
     resumed = run_stage1(ctx, splits)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -185,7 +187,9 @@ def test_freematch_learns_digits(digits, tmp_path):
     assert res.history[-1]["step"] == 100 and "test_top1" in res.history[-1]
     assert {"loss", "loss_x", "loss_u", "mask_rate", "lr", "time", "loss_f"} <= set(res.history[-1])
     assert not res.model.training
-    assert (tmp_path / "model.pt").exists() and (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "model.pt").exists() and (
+        tmp_path / "checkpoints" / "step-00000100" / "trainer.pt"
+    ).exists()
     sd = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(torch.equal(sd[k], v) for k, v in res.model.state_dict().items())
     probs = predict_proba(res.model, test, np.arange(20))
@@ -235,6 +239,43 @@ def test_resume_is_bit_identical(digits, tmp_path, monkeypatch, pseudo_share):
         fit_classifier(
             dataclasses.replace(cfg, lr=0.1), data, tmp_path / "run", device, seed=3, progress=False
         )
+
+
+def test_checkpoints_go_through_the_shared_manager_and_the_old_format_resumes(digits, tmp_path, monkeypatch):
+    """Classifier checkpoints are the step directories stage 2 writes (files listed with their
+    sha256 in meta.json, the newest kept); a changed file is refused before anything is loaded;
+    a ``checkpoint.pt`` of the earlier single-file format is resumed and replaced."""
+    from dpt_engine.train.checkpoint import CheckpointIntegrityError
+
+    train, _ = digits
+    small = train.subset(np.arange(120))
+    data = ClassifierData(small, _labeled_subset(small.labels, 2), small, np.arange(len(small)), None, 10)
+    cfg = _cfg(learner="freematch", steps=8, batch_size=8, uratio=2, eval_every=8, checkpoint_every=4)
+    cpu = torch.device("cpu")
+    ref = fit_classifier(cfg, data, tmp_path / "ref", cpu, seed=1, progress=False)
+
+    run = tmp_path / "run"
+    monkeypatch.setenv(INTERRUPT_ENV, "4")
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(cfg, data, run, cpu, seed=1, progress=False)
+    monkeypatch.delenv(INTERRUPT_ENV)
+    step4 = run / "checkpoints" / "step-00000004"
+    meta = json.loads((step4 / "meta.json").read_text())
+    assert set(meta["sha256"]) == {"trainer.pt", "rng-rank0.pt"} and meta["step"] == 4
+
+    # the earlier format: the same payload as one file next to the model, no step directories
+    (run / "checkpoint.pt").write_bytes((step4 / "trainer.pt").read_bytes())
+    shutil.rmtree(run / "checkpoints")
+    res = fit_classifier(cfg, data, run, cpu, seed=1, progress=False)
+    assert res.resumed_from == 4 and not (run / "checkpoint.pt").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008"]  # the newest kept
+    assert all(torch.equal(res.model.state_dict()[k], v) for k, v in ref.model.state_dict().items())
+
+    # a file changed after it was written is refused before it is unpickled
+    trainer_pt = run / "checkpoints" / "step-00000008" / "trainer.pt"
+    trainer_pt.write_bytes(trainer_pt.read_bytes() + b"x")
+    with pytest.raises(CheckpointIntegrityError, match="changed since it was written"):
+        fit_classifier(cfg, data, run, cpu, seed=1, progress=False)
 
 
 def test_fixmatch_and_supervised_with_labeled_weight(digits, tmp_path):

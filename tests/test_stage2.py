@@ -17,11 +17,12 @@ from dpt_engine.diffusion.dpm_solver import DPMSolverPP
 from dpt_engine.diffusion.guidance import cfg_eps_fn, clip_denoised_fn
 from dpt_engine.diffusion.noise import initial_noise
 from dpt_engine.diffusion.schedules import make_schedule
-from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at, fit_diffusion
+from dpt_engine.diffusion.trainer import DiffusionData, fit_diffusion
 from dpt_engine.models.uvit import create_uvit
 from dpt_engine.pipeline import run_pipeline
 from dpt_engine.stages.common import StageContext
 from dpt_engine.stages.stage2 import _training_labels
+from dpt_engine.train import ema_decay_at
 
 CLASSES = ["a", "b", "c"]
 

@@ -34,6 +34,7 @@ from ..config.schema import DiffusionConfig
 from ..models.denoisers import denoiser_flops
 from ..train.batch import DiffusionData, draw_global_batch, micro_batches, micro_loss, min_snr_weight
 from ..train.checkpoint import CheckpointManager, restore_rng_state
+from ..train.ema import ema_decay_at
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
 from ..utils import testhooks
@@ -43,7 +44,7 @@ from .schedules import NoiseSchedule, make_schedule
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["DiffusionData", "DiffusionFit", "StepResult", "ema_decay_at", "fit_diffusion", "train_step"]
+__all__ = ["DiffusionData", "DiffusionFit", "StepResult", "fit_diffusion", "train_step"]
 
 
 @dataclass
@@ -57,15 +58,6 @@ def _lr_at(step: int, cfg: DiffusionConfig) -> float:
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up, ``min(decay, (1 + step) / (10 + step))``.
-
-    Without it a short run's EMA stays close to the random initialisation (at 0.999 after 300
-    steps, 74% of the EMA is still the initial weights); long runs are unaffected.
-    """
-    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Classifier learners for DPT's stages 1 and 3.
 
 * :func:`fit_classifier` -- FreeMatch / FixMatch / supervised training of a registry classifier
-  (``trainer.py``), resumable from ``work_dir/checkpoint.pt``;
+  (``trainer.py``), resumable from ``work_dir/checkpoints/``;
 * :func:`fit_linear_probe` -- frozen backbone + multinomial logistic regression (DPT's ImageNet
   recipe, ``linear_probe.py``);
 * :func:`predict_proba` / :func:`evaluate_top1` -- inference on any ``ImageDataset``;

@@ -26,10 +26,13 @@ Labeled images are drawn in epochs without replacement (a fresh permutation each
 labeled set is exhausted), unlabeled ones likewise, ``uratio * batch_size`` per step. All sampling
 and augmentation randomness comes from one ``torch.Generator`` seeded from ``seed``.
 
-Resumability: every ``cfg.checkpoint_every`` steps (and at the last step) ``work_dir /
-"checkpoint.pt"`` is written atomically with the model, EMA, optimizer, FreeMatch state, sampler
+Resumability: every ``cfg.checkpoint_every`` steps (and at the last step) a checkpoint
+``work_dir/checkpoints/step-N/`` is written by the checkpoint manager stage 2 uses
+(``dpt_engine.train.checkpoint``: an atomic directory, every file's sha256 and a signature in its
+``meta.json``, the newest one kept) with the model, EMA, optimizer, FreeMatch state, sampler
 positions, the generator state, the global torch (and CUDA) RNG states, the history and the
-metric accumulators; re-running ``fit_classifier`` with the same arguments resumes from it. On CPU
+metric accumulators (``trainer.pt``); re-running ``fit_classifier`` with the same arguments
+resumes from it (a ``work_dir/checkpoint.pt`` of the earlier single-file format too). On CPU
 an interrupted-and-resumed run ends with bit-identical EMA weights and history (except the
 wall-clock ``time`` column) to an uninterrupted one. ``model.pt`` (the EMA state dict) and
 ``history.json`` are written at the end.
@@ -58,6 +61,8 @@ from tqdm.auto import tqdm
 from ..config.schema import ClassifierConfig
 from ..data.base import DataError, ImageDataset, iterate_batches
 from ..models.classifiers import create_classifier
+from ..train.checkpoint import CheckpointManager, restore_rng_state
+from ..train.ema import ema_decay_at
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
 from ..utils.pixels import uint8_to_unit
@@ -578,7 +583,7 @@ def classifier_losses(
 class _TrainState:
     """Everything a classifier run resumes from: model, EMA, optimizer, FreeMatch thresholds, the
     batch samplers, the data generator, torch's RNG, the history and the step, with
-    ``state_dict`` / ``load_state_dict`` (the ``checkpoint.pt`` payload)."""
+    ``state_dict`` / ``load_state_dict`` (the ``trainer.pt`` payload of a checkpoint)."""
 
     def __init__(
         self,
@@ -642,17 +647,40 @@ class _TrainState:
         self.step, self.elapsed = int(ck["step"]), float(ck["elapsed"])
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
-    """``checkpoint.pt`` if it exists; a checkpoint of another configuration is an error."""
-    if not path.exists():
-        return None
+def _load_checkpoint(ckpts: CheckpointManager, work_dir: Path, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The newest checkpoint's ``trainer.pt`` (its files checked against its ``meta.json``), or a
+    ``checkpoint.pt`` of the earlier single-file format; None when there is none. A checkpoint of
+    another configuration is an error. The global random states of the checkpoint (numpy, python)
+    are restored here; torch's come with the train state."""
+    latest = ckpts.latest()
+    if latest is not None:
+        ckpts.verify(latest, require_digests=False)
+        path = latest / "trainer.pt"
+    else:
+        path = work_dir / "checkpoint.pt"
+        if not path.exists():
+            return None
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if ck.get("version") != _CKPT_VERSION or ck.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{path} was written by a different configuration or data (fingerprint "
             f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
         )
+    if latest is not None and (latest / "rng-rank0.pt").is_file():
+        restore_rng_state(torch.load(latest / "rng-rank0.pt", map_location="cpu", weights_only=True))
     return ck
+
+
+def _save_checkpoint(ckpts: CheckpointManager, work_dir: Path, fingerprint: str, st: _TrainState) -> None:
+    """A step checkpoint through the shared manager; a single-file checkpoint of the earlier format
+    goes once a newer one exists."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp / "trainer.pt", "wb") as f:
+            torch.save({"version": _CKPT_VERSION, "fingerprint": fingerprint, **st.state_dict()}, f)
+
+    ckpts.save(st.step, write, {"trainer": "classifier"})
+    (work_dir / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def fit_classifier(
@@ -664,12 +692,12 @@ def fit_classifier(
     progress: bool = True,
     init_state: Optional[dict] = None,
 ) -> FitResult:
-    """Train a classifier with ``cfg.learner``; resume from ``work_dir/checkpoint.pt`` if present.
+    """Train a classifier with ``cfg.learner``; resume from ``work_dir/checkpoints/`` if present.
 
     ``init_state`` (a state dict of the same backbone, e.g. stage 1's EMA weights) starts the model
     and its EMA from those weights instead of a random initialisation (stage 3's fine-tuning).
 
-    Writes ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps and at the end), ``model.pt``
+    Writes ``checkpoints/step-N/`` (every ``cfg.checkpoint_every`` steps and at the end), ``model.pt``
     (EMA state dict) and ``history.json`` into ``work_dir``. Returns the EMA model in eval mode.
     Raises ``ValueError`` if an existing checkpoint was written by a different configuration.
     """
@@ -682,12 +710,13 @@ def fit_classifier(
     data.validate(cfg.learner != "supervised")
     device, work_dir = torch.device(device), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work_dir / "checkpoint.pt"
+    ckpts = CheckpointManager(work_dir / "checkpoints", keep=1)
+    ckpts.remove_partial()
     interrupt_at = testhooks.interrupt_at_step()
     fingerprint = _fingerprint(cfg, data, seed, init_state)
     batches = _Batches(cfg, data, device, semi=cfg.learner != "supervised")
     st = _TrainState(cfg, data, batches, device, seed, init_state)
-    ck = _load_checkpoint(ckpt_path, fingerprint)
+    ck = _load_checkpoint(ckpts, work_dir, fingerprint)
     if ck is not None:
         st.load_state_dict(ck)
     start = st.step
@@ -717,7 +746,7 @@ def fit_classifier(
         st.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         st.optimizer.step()
-        _ema_update(st.ema, st.model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+        _ema_update(st.ema, st.model, ema_decay_at(step, cfg.ema_decay))
         st.acc += terms
         st.step = step
 
@@ -733,9 +762,7 @@ def fit_classifier(
             st.history.append(row)
             pbar.set_postfix(_postfix(row, last_top1), refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            atomic_torch_save(
-                ckpt_path, {"version": _CKPT_VERSION, "fingerprint": fingerprint, **st.state_dict()}
-            )
+            _save_checkpoint(ckpts, work_dir, fingerprint, st)
             if step == interrupt_at:
                 pbar.close()
                 raise KeyboardInterrupt(

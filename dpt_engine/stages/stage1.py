@@ -2,7 +2,7 @@
 
 Artifacts in ``<out>/stage1/``:
 - ``labeled.txt``: the labeled subset (DPT/MSN file names for image folders, indices otherwise);
-- ``model.pt`` (+ ``checkpoint.pt`` while training): the EMA classifier;
+- ``model.pt`` (+ ``checkpoints/step-N/`` while training): the EMA classifier;
 - ``pseudo_labels.npz``: ``label`` (argmax, for every training image, labeled ones included, as
   in DPT), ``confidence`` (max softmax probability), ``true_label`` (-1 where unknown);
 - ``pseudo_labels.tsv``: the same as text, one image per line with its identifier;

@@ -3,11 +3,13 @@
 * ``engine``: backends behind one interface (single process, DDP, FSDP2, DeepSpeed ZeRO 0-3).
 * ``batch``: the backend-independent global batch, split into per-rank micro-batches.
 * ``checkpoint``: atomic step-directory checkpoints (rank-aware, keep-last-N, RNG states).
+* ``ema``: the EMA warm-up both trainers use.
 * ``guards``: non-finite loss skipping, out-of-memory hints, throughput/MFU, TensorBoard.
 """
 
 from .batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches, micro_loss
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .ema import ema_decay_at
 from .engine import BACKENDS, Backend, build_backend, param_groups, setup_process_group
 from .guards import BadStepGuard, NonFiniteLossError, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
 
@@ -24,6 +26,7 @@ __all__ = [
     "build_backend",
     "capture_rng_state",
     "draw_global_batch",
+    "ema_decay_at",
     "micro_batches",
     "micro_loss",
     "oom_hint",
