@@ -28,7 +28,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..config.schema import DiffusionConfig
 from ..models.denoisers import denoiser_flops
@@ -37,7 +36,7 @@ from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.ema import ema_decay_at
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
-from ..utils import testhooks
+from ..train.loop import TrainingSteps
 from ..utils.dist import DistInfo, barrier
 from ..utils.io import atomic_torch_save
 from .schedules import NoiseSchedule, make_schedule
@@ -149,22 +148,28 @@ def fit_diffusion(
     if start:
         log.info("stage2: resuming from step %d", start)
 
-    interrupt_at = testhooks.interrupt_at_step()
     fwd_flops = denoiser_flops(net)
     peak, peak_src = peak_flops(device, backend.bf16) if info.is_main and fwd_flops else (None, "")
     meter = ThroughputMeter(3.0 * fwd_flops if fwd_flops else None, info.world_size, peak, peak_src)
     tb = TensorBoardLogger(work_dir / "tensorboard", cfg.tensorboard and info.is_main)
     running: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
+
+    def save(done: int) -> None:
+        t_save = time.perf_counter()
+        _save(backend, ckpts, done, history, gen, guard)
+        meter.exclude(time.perf_counter() - t_save)  # images/s measures training steps only
+
+    loop = TrainingSteps(
+        start,
+        cfg.steps,
+        save=save,
+        checkpoint_every=cfg.checkpoint_every,
         desc="stage2 diffusion",
-        disable=not (progress and info.is_main),
-        dynamic_ncols=True,
+        progress=progress and info.is_main,
     )
     try:
-        for step in range(start, cfg.steps):
+        for step in loop:
             res = train_step(backend, data, cfg, schedule, gen, step, guard, device, info)
             lr = res.lr
             if res.applied:
@@ -173,7 +178,6 @@ def fit_diffusion(
                     norms.append(res.grad_norm)
             meter.add(cfg.batch_size)
             done = step + 1
-            bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 mean_loss = float(torch.stack(running).mean()) if running else float("nan")
                 speed = meter.read()
@@ -182,16 +186,10 @@ def fit_diffusion(
                     rec["grad_norm"] = float(torch.stack(norms).mean())
                 history.append(rec)
                 tb.log(done, {k: v for k, v in rec.items() if k != "step"})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}")
+                loop.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}")
                 running, norms = [], []
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                t_save = time.perf_counter()
-                _save(backend, ckpts, done, history, gen, guard)
-                meter.exclude(time.perf_counter() - t_save)  # images/s measures training steps only
-                if interrupt_at and done >= interrupt_at and done < cfg.steps:
-                    raise KeyboardInterrupt(f"{testhooks.INTERRUPT_AT_STEP_ENV}={interrupt_at}")
     finally:
-        bar.close()
+        loop.bar.close()
         tb.close()
     model_sd, ema_sd = backend.export()
     if info.is_main:

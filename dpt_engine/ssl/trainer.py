@@ -37,9 +37,9 @@ an interrupted-and-resumed run ends with bit-identical EMA weights and history (
 wall-clock ``time`` column) to an uninterrupted one. ``model.pt`` (the EMA state dict) and
 ``history.json`` are written at the end.
 
-Test hook: with the environment variable ``DPT_TEST_INTERRUPT_AT_STEP=N``, ``fit_classifier``
-raises ``KeyboardInterrupt`` right after the checkpoint of step ``N`` is written (``N`` must be a
-checkpoint step), simulating a run killed at that point.
+Test hook: with the environment variable ``DPT_TEST_INTERRUPT_AT_STEP=N``, the step loop
+(``dpt_engine.train.loop``, shared with stage 2) raises ``KeyboardInterrupt`` right after the first
+checkpoint at or after step ``N`` that is not the last, simulating a run killed at that point.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config.schema import ClassifierConfig
 from ..data.base import DataError, ImageDataset, iterate_batches
 from ..models.classifiers import create_classifier
 from ..train.checkpoint import CheckpointManager, restore_rng_state
 from ..train.ema import ema_decay_at
+from ..train.loop import TrainingSteps
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
 from ..utils.pixels import uint8_to_unit
@@ -712,7 +712,6 @@ def fit_classifier(
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(work_dir / "checkpoints", keep=1)
     ckpts.remove_partial()
-    interrupt_at = testhooks.interrupt_at_step()
     fingerprint = _fingerprint(cfg, data, seed, init_state)
     batches = _Batches(cfg, data, device, semi=cfg.learner != "supervised")
     st = _TrainState(cfg, data, batches, device, seed, init_state)
@@ -723,18 +722,18 @@ def fit_classifier(
 
     log_every = max(1, min(cfg.eval_every, 25))
     amp = resolve_precision(cfg.precision, device, "classifier precision") == "bf16"
-    pbar = tqdm(
-        total=cfg.steps,
-        initial=start,
+    loop = TrainingSteps(
+        start,
+        cfg.steps,
+        save=lambda _step: _save_checkpoint(ckpts, work_dir, fingerprint, st),
+        checkpoint_every=cfg.checkpoint_every,
         desc=cfg.learner,
-        disable=not progress,
-        dynamic_ncols=True,
-        mininterval=1.0,
+        progress=progress,
     )
     last_top1: Optional[float] = None
     t0 = time.perf_counter()
     st.model.train()
-    for k in range(start, cfg.steps):
+    for k in loop:
         step = k + 1
         lr = _lr_at(cfg, k)
         for g in st.optimizer.param_groups:
@@ -750,7 +749,7 @@ def fit_classifier(
         st.acc += terms
         st.step = step
 
-        # ---- log, evaluate, checkpoint
+        # ---- log and evaluate (the loop checkpoints)
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if step % log_every == 0 or is_eval:
             now = time.perf_counter()
@@ -760,16 +759,7 @@ def fit_classifier(
             if is_eval and data.test is not None:
                 row["test_top1"] = last_top1 = evaluate_top1(st.ema, data.test, device=device)
             st.history.append(row)
-            pbar.set_postfix(_postfix(row, last_top1), refresh=False)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(ckpts, work_dir, fingerprint, st)
-            if step == interrupt_at:
-                pbar.close()
-                raise KeyboardInterrupt(
-                    f"{INTERRUPT_ENV}={interrupt_at}: simulated kill after checkpoint {step}"
-                )
-        pbar.update(1)
-    pbar.close()
+            loop.bar.set_postfix(_postfix(row, last_top1), refresh=False)
 
     ema, history = st.ema.eval(), st.history
     test_top1 = None

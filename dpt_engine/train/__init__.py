@@ -3,7 +3,8 @@
 * ``engine``: backends behind one interface (single process, DDP, FSDP2, DeepSpeed ZeRO 0-3).
 * ``batch``: the backend-independent global batch, split into per-rank micro-batches.
 * ``checkpoint``: atomic step-directory checkpoints (rank-aware, keep-last-N, RNG states).
-* ``ema``: the EMA warm-up both trainers use.
+* ``ema``: the EMA warm-up both trainers use; ``loop``: their step loop (progress, checkpoint
+  cadence, the simulated kill of the tests).
 * ``guards``: non-finite loss skipping, out-of-memory hints, throughput/MFU, TensorBoard.
 """
 
@@ -12,6 +13,7 @@ from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .ema import ema_decay_at
 from .engine import BACKENDS, Backend, build_backend, param_groups, setup_process_group
 from .guards import BadStepGuard, NonFiniteLossError, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
+from .loop import TrainingSteps
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "TensorBoardLogger",
     "ThroughputMeter",
+    "TrainingSteps",
     "build_backend",
     "capture_rng_state",
     "draw_global_batch",

@@ -2,10 +2,9 @@
 tests can interrupt or kill a real process mid-work. Read only here, each by one function, at the
 place that honours it; unset, every hook does nothing.
 
-* ``DPT_TEST_INTERRUPT_AT_STEP=N``: ``ssl.trainer.fit_classifier`` raises ``KeyboardInterrupt``
-  right after the checkpoint of step ``N`` is written (a run killed there);
-  ``diffusion.trainer.fit_diffusion`` after its first checkpoint at or after step ``N`` that is
-  not the last step.
+* ``DPT_TEST_INTERRUPT_AT_STEP=N``: the trainers' step loop (``train.loop``, stage 2's
+  ``fit_diffusion`` and the classifiers' ``fit_classifier``) raises ``KeyboardInterrupt`` right
+  after its first checkpoint at or after step ``N`` that is not the last step (a run killed there).
 * ``DPT_TEST_SAVE_DELAY=STEP:SECONDS``: ``train.checkpoint`` sleeps in the save of STEP after every
   rank's files are written and before the rename.
 * ``DPT_TEST_SHARD_WRITE_SLEEP=SHARD:SECONDS``: ``sampling.formats`` sleeps half-way through
