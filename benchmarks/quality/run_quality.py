@@ -203,16 +203,21 @@ def run_record_path(results: Path, name: str, run: dict[str, Any]) -> Path:
 
 
 def _committed_record(
-    path: Path, preset: str, run: dict[str, Any], extra: list[str]
+    path: Path, preset: str, run: dict[str, Any], extra: list[str], report_path: Path | None = None
 ) -> dict[str, Any] | None:
-    """A record committed by an earlier sitting (maybe on another machine) for exactly this config."""
+    """A record committed by an earlier sitting (maybe on another machine) for exactly this config,
+    or for the run whose ``report.json`` is at ``report_path`` (the same metrics)."""
     from dpt_engine.utils.io import read_json
 
     if not path.is_file():
         return None
     rec = read_json(path)
+    report = read_json(report_path) if report_path is not None and report_path.is_file() else None
     if rec.get("config_digest") != config_digest(preset, run["overrides"] + extra):
-        return None  # the preset or the overrides changed since: run it again
+        # the resolved config changed shape since (a renamed key, a new default): the record still
+        # stands for the run directory it was read from, when that run's report gives the same metrics
+        if report is None or report.get("metrics") != rec.get("metrics"):
+            return None  # the preset or the overrides changed since: run it again
     return rec
 
 
@@ -368,7 +373,8 @@ def _per_run_table(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['name']} | {f('stage1.top1')} | {f('generation.fid')} | {f('stage3.top1')} | {gain} "
             f"| {no_pseudo} | {wall:.1f} | {r.get('threads', '-')} | {r.get('commit', '-')} |"
         )
-    return out
+    notes = [f"- {r['name']}: {r['note']}" for r in sorted(rows, key=lambda r: r["name"]) if r.get("note")]
+    return out + (["", "Notes on single runs:", "", *notes] if notes else [])
 
 
 def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -574,9 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         return write_results()
 
     for i, run in enumerate(runs):  # finished in an earlier sitting: not recomputed
-        rec = _committed_record(run_record_path(results, args.name, run), args.preset, run, extra)
+        report_path = out / run["name"] / "report.json"
+        rec = _committed_record(
+            run_record_path(results, args.name, run), args.preset, run, extra, report_path
+        )
         if rec is not None:
-            done[i] = _backfill(rec, out / run["name"] / "report.json")
+            done[i] = _backfill(rec, report_path)
             print(f"[quality] {run['name']}: committed result reused", flush=True)
     todo = [i for i in range(len(runs)) if i not in done]
 
