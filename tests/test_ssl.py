@@ -18,8 +18,10 @@ from dpt_engine.ssl import (
     FreeMatchThresholds,
     evaluate_top1,
     fit_classifier,
+    fixmatch_loss,
     fixmatch_mask,
     freematch_fairness_loss,
+    freematch_loss,
     predict_proba,
     strong,
     weak,
@@ -114,6 +116,35 @@ def test_freematch_fairness_loss_matches_formula():
     m /= m.sum()
     assert got.item() == pytest.approx(float((t * np.log(m + 1e-12)).sum()), rel=1e-5)
     assert freematch_fairness_loss(logits, torch.zeros(6), p_model, hist).item() == 0.0
+
+
+def test_fixmatch_loss_by_hand():
+    """CE of the strong view against the weak view's argmax, where its confidence passes, averaged
+    over all unlabeled images (masked ones count as 0)."""
+    weak_logits = torch.tensor([[5.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.0, 0.0, 6.0]])
+    strong_logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 1.5]])
+    c = fixmatch_loss(weak_logits, strong_logits, 0.95)
+    assert c.mask.tolist() == [1.0, 0.0, 1.0] and c.pseudo.tolist() == [0, 0, 2]
+    ls = strong_logits.log_softmax(1)
+    assert c.loss_u.item() == pytest.approx(float(-(ls[0, 0] + ls[2, 2]) / 3))
+    assert c.loss_f.item() == 0.0
+
+
+def test_freematch_loss_updates_thresholds_then_masks():
+    torch.manual_seed(1)
+    weak_logits, strong_logits = torch.randn(8, 4) * 3, torch.randn(8, 4)
+    th = FreeMatchThresholds(4, momentum=0.9)
+    ref = FreeMatchThresholds(4, momentum=0.9)
+    c = freematch_loss(weak_logits, strong_logits, th)
+    probs = weak_logits.softmax(1)
+    ref.update(probs)  # the same update by hand, then the same mask and fairness term
+    mask = ref.mask(probs)
+    assert torch.equal(th.p_model, ref.p_model) and torch.equal(c.mask, mask)
+    ce = F.cross_entropy(strong_logits, probs.argmax(1), reduction="none")
+    assert c.loss_u.item() == pytest.approx(float((ce * mask).mean()))
+    assert c.loss_f.item() == pytest.approx(
+        freematch_fairness_loss(strong_logits, mask, ref.p_model, ref.label_hist).item()
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from .trainer import (
     FreeMatchThresholds,
     evaluate_top1,
     fit_classifier,
+    fixmatch_loss,
     fixmatch_mask,
     freematch_fairness_loss,
+    freematch_loss,
     predict_proba,
 )
 
@@ -30,8 +32,10 @@ __all__ = [
     "extract_features",
     "fit_classifier",
     "fit_linear_probe",
+    "fixmatch_loss",
     "fixmatch_mask",
     "freematch_fairness_loss",
+    "freematch_loss",
     "predict_proba",
     "strong",
     "weak",

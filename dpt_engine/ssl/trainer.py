@@ -77,8 +77,10 @@ __all__ = [
     "classifier_losses",
     "evaluate_top1",
     "fit_classifier",
+    "fixmatch_loss",
     "fixmatch_mask",
     "freematch_fairness_loss",
+    "freematch_loss",
     "predict_proba",
 ]
 
@@ -537,6 +539,43 @@ class _Batches:
             self.sampler_u.load_state_dict(state["sampler_u"])
 
 
+@dataclass
+class ConsistencyLoss:
+    """The unlabeled part of a FixMatch / FreeMatch loss on one batch: ``loss_u`` (CE of the strong
+    view against the weak view's pseudo-labels where the mask passes), ``loss_f`` (FreeMatch's
+    fairness term, 0 for FixMatch), the ``mask`` and the ``pseudo``-labels (B_u,)."""
+
+    loss_u: torch.Tensor
+    loss_f: torch.Tensor
+    mask: torch.Tensor
+    pseudo: torch.Tensor
+
+
+def fixmatch_loss(logits_uw: torch.Tensor, logits_us: torch.Tensor, threshold: float) -> ConsistencyLoss:
+    """FixMatch's consistency loss: pseudo-labels from the weak view ``logits_uw`` (B_u, C), kept
+    where their confidence reaches ``threshold``, taught to the strong view ``logits_us``."""
+    probs_w = logits_uw.detach().softmax(dim=1)
+    pseudo = probs_w.argmax(dim=1)
+    mask = fixmatch_mask(probs_w, threshold)
+    loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
+    return ConsistencyLoss(loss_u, loss_u.new_zeros(()), mask, pseudo)
+
+
+def freematch_loss(
+    logits_uw: torch.Tensor, logits_us: torch.Tensor, thresholds: FreeMatchThresholds
+) -> ConsistencyLoss:
+    """FreeMatch's consistency loss: ``thresholds`` are first updated with the weak view's
+    probabilities (their only side effect), then set the per-class mask; plus the fairness term
+    ``loss_f`` (weighted by ``lambda_ent`` in :func:`classifier_losses`)."""
+    probs_w = logits_uw.detach().softmax(dim=1)
+    pseudo = probs_w.argmax(dim=1)
+    thresholds.update(probs_w)
+    mask = thresholds.mask(probs_w)
+    loss_f = freematch_fairness_loss(logits_us, mask, thresholds.p_model, thresholds.label_hist)
+    loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
+    return ConsistencyLoss(loss_u, loss_f, mask, pseudo)
+
+
 def classifier_losses(
     logits: torch.Tensor,
     y_l: torch.Tensor,
@@ -550,10 +589,9 @@ def classifier_losses(
     weak and strong views), and the logged terms ``(loss, loss_x, loss_u, loss_f, mask rate,
     correct pseudo-labels, known pseudo-labels, 1)``.
 
-    ``supervised``: weighted CE on the labeled part. ``fixmatch``: + ``lambda_u`` x CE of the strong
-    view against the weak view's argmax where its confidence passes ``cfg.threshold``.
-    ``freematch``: the mask from the self-adaptive ``thresholds`` (updated here with the weak
-    view's probabilities) + ``lambda_ent`` x the fairness term."""
+    ``supervised``: weighted CE on the labeled part. ``fixmatch``: + ``lambda_u`` x
+    :func:`fixmatch_loss`. ``freematch``: + ``lambda_u`` x :func:`freematch_loss` + ``lambda_ent``
+    x its fairness term."""
     b_l = len(y_l)
     loss_x = _weighted_ce(logits[:b_l], y_l, w_l, absolute_weights)
     zero = loss_x.new_zeros(())
@@ -561,19 +599,15 @@ def classifier_losses(
     loss = loss_x
     if cfg.learner != "supervised":
         logits_uw, logits_us = logits[b_l:].chunk(2)  # (B_u, C) each
-        probs_w = logits_uw.detach().softmax(dim=1)
-        pseudo = probs_w.argmax(dim=1)
         if cfg.learner == "fixmatch":
-            mask = fixmatch_mask(probs_w, cfg.threshold)
+            c = fixmatch_loss(logits_uw, logits_us, cfg.threshold)
         else:
-            thresholds.update(probs_w)
-            mask = thresholds.mask(probs_w)
-            loss_f = freematch_fairness_loss(logits_us, mask, thresholds.p_model, thresholds.label_hist)
-        loss_u = (F.cross_entropy(logits_us, pseudo, reduction="none") * mask).mean()
+            c = freematch_loss(logits_uw, logits_us, thresholds)
+        loss_u, loss_f = c.loss_u, c.loss_f
         loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_ent * loss_f
-        known = (y_u >= 0).to(mask.dtype) * mask
-        mask_rate, pl_known = mask.mean(), known.sum()
-        pl_correct = ((pseudo == y_u).to(mask.dtype) * known).sum()
+        known = (y_u >= 0).to(c.mask.dtype) * c.mask
+        mask_rate, pl_known = c.mask.mean(), known.sum()
+        pl_correct = ((c.pseudo == y_u).to(c.mask.dtype) * known).sum()
     terms = torch.stack(
         [loss, loss_x, loss_u, loss_f, mask_rate, pl_correct, pl_known, torch.ones_like(loss)]
     )
