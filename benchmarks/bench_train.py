@@ -71,10 +71,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpt_engine.config.schema import DiffusionConfig
 from dpt_engine.diffusion.schedules import NoiseSchedule, make_schedule
-from dpt_engine.diffusion.trainer import DiffusionData, ema_decay_at, train_step
+from dpt_engine.diffusion.trainer import DiffusionData, train_step
 from dpt_engine.kernels import registered_backends, resolve_backend
 from dpt_engine.models.uvit import Attention, UViT, create_uvit, flops_per_forward, list_uvits
 from dpt_engine.train.batch import GlobalBatch, MicroBatch, draw_global_batch, micro_batches
+from dpt_engine.train.ema import ema_decay_at
 from dpt_engine.train.engine import Backend, build_backend, param_groups, setup_process_group
 from dpt_engine.train.guards import BadStepGuard, peak_flops
 from dpt_engine.utils.precision import resolve_precision
