@@ -139,7 +139,12 @@ def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageR
         }
         atomic_write_json(stage_dir / "summary.json", summary)
         if pl.get("accuracy") is not None:
-            log.info("stage1: test top-1 %.2f%%, pseudo-label accuracy %.2f%%", fit.test_top1, pl["accuracy"])
+            log.info(
+                "stage1: top-1 %.2f%% (%s), pseudo-label accuracy %.2f%%",
+                fit.test_top1,
+                sp.info.get("eval_split", "test"),
+                pl["accuracy"],
+            )
         return summary
 
     def precheck() -> None:

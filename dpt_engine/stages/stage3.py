@@ -477,7 +477,9 @@ def run_stage3(
         }
         summary["what_stage3_did"] = describe_stage3(summary)
         atomic_write_json(stage_dir / "summary.json", summary)
-        log.info("stage3: test top-1 %.2f%% (stage 1: %s)", fit.test_top1, s1)
+        log.info(
+            "stage3: top-1 %.2f%% (%s; stage 1: %s)", fit.test_top1, sp.info.get("eval_split", "test"), s1
+        )
         return summary
 
     return run_stage(ctx, "stage3", _stage3_fingerprint(ctx, pseudo_dir), body, precheck=precheck)

@@ -1,0 +1,168 @@
+"""Choose stage 3's recipe on held-out training images, never on the test split.
+
+For each label seed the preset runs stage 1, stage 2 and sampling once with ``data.holdout=N``
+(N class-balanced training images that no stage trains on, labels unseen, become the evaluation
+split). Then stage 3 runs once per candidate on the same stage 1 and the same pseudo images
+(symlinked), and the table gives each candidate's top-1 on the held-out images and its gain over
+stage 1 with the paired 95% interval, per seed and as the mean over seeds. The candidate chosen
+here is then the preset's; its test-split figures come from ``run_quality``.
+
+    python -m benchmarks.quality.stage3_sweep --preset digits --holdout 300 --seeds 0 1 2 \\
+        --out runs/stage3_sweep_digits
+
+Candidates are named override lists (``CANDIDATES``); ``--only`` picks some by name. Every run
+directory resumes, so a stopped sweep continues with the same command. Results:
+``<results>/stage3_sweep_<preset>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+__all__ = ["CANDIDATES", "main"]
+
+# stage-3 candidates: the preset as shipped first, then one change each
+CANDIDATES: dict[str, list[str]] = {
+    "preset": [],
+    "no pseudo images (fine-tuning alone)": ["stage3.pseudo_weight=0"],
+    "lr / 10": ["stage3.lr=0.003"],
+    "lr / 10, no pseudo images": ["stage3.lr=0.003", "stage3.pseudo_weight=0"],
+    "300 steps": ["stage3.steps=300"],
+    "supervised on real + pseudo": ["stage3.keep_unlabeled=false"],
+}
+
+
+def _link_base(base: Path, run_dir: Path) -> None:
+    """A candidate reuses its seed's stage 1, stage 2 and samples (symlinks)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in ("stage1", "stage2", "sample"):
+        link = run_dir / stage
+        if not link.exists():
+            link.symlink_to(Path("..") / base.name / stage, target_is_directory=True)
+
+
+def _run(
+    preset: str, overrides: list[str], run_dir: Path, stages: list[str], progress: bool
+) -> dict[str, Any]:
+    from dpt_engine.config.presets import resolve_config
+    from dpt_engine.pipeline import run_pipeline
+
+    cfg = resolve_config(preset, overrides=overrides)
+    return run_pipeline(cfg, run_dir, stages=stages, progress=progress)
+
+
+def _mean(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:+.2f}"
+    return f"{statistics.fmean(xs):+.2f} +- {statistics.stdev(xs):.2f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    seeds = res["seeds"]
+    lines = [
+        f"# Stage-3 recipe on held-out training images: preset `{res['preset']}`",
+        "",
+        f"{res['holdout']} class-balanced training images held out of every stage (labels unseen) are the "
+        f"evaluation split; label seeds {', '.join(map(str, seeds))}; each candidate's stage 3 runs on the same "
+        f"stage 1 and pseudo images of its seed. Commit {res['commit']}, {res['device']}, "
+        f"{res['wall_time_s'] / 60:.0f} min in all. The test split is not used.",
+        "",
+        "Stage 1 on the held-out images (%): "
+        + ", ".join(f"seed {s}: {res['stage1'][str(s)]:.2f}" for s in seeds if str(s) in res["stage1"]),
+        "",
+        "| stage 3 | "
+        + " | ".join(f"seed {s}: top-1 (gain, 95% interval)" for s in seeds)
+        + " | mean gain |",
+        "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: |",
+    ]
+    for name, per_seed in res["candidates"].items():
+        cells, gains = [], []
+        for s in seeds:
+            r = per_seed.get(str(s))
+            if r is None:
+                cells.append("-")
+                continue
+            lo, hi = r["ci95"] if r.get("ci95") else (float("nan"), float("nan"))
+            cells.append(f"{r['top1']:.2f} ({r['gain']:+.2f}, {lo:+.2f}..{hi:+.2f})")
+            gains.append(r["gain"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean(gains)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="digits")
+    p.add_argument(
+        "--holdout", type=int, default=300, help="training images held out as the evaluation split"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="label seeds")
+    p.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    p.add_argument("--out", default="runs/stage3_sweep")
+    p.add_argument("--results", default=str(RESULTS_DIR))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from dpt_engine.cli import set_process_defaults
+
+    set_process_defaults()
+    import torch
+
+    from dpt_engine.utils.io import atomic_write_json, atomic_write_text
+
+    from ..harness import commit_hash, device_name
+
+    names = list(CANDIDATES) if args.only is None else args.only
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
+    out, t0 = Path(args.out), time.perf_counter()
+    res: dict[str, Any] = {
+        "preset": args.preset,
+        "holdout": args.holdout,
+        "seeds": args.seeds,
+        "commit": commit_hash(),
+        "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
+        "command": " ".join(["python -m benchmarks.quality.stage3_sweep", *(argv or sys.argv[1:])]),
+        "stage1": {},
+        "candidates": {n: {} for n in names},
+        "wall_time_s": 0.0,
+    }
+    stem = f"stage3_sweep_{args.preset}"
+    for s in args.seeds:
+        common = [f"data.holdout={args.holdout}", f"data.seed={s}", f"run.seed={s}", *args.set]
+        base = out / f"s{s}_base"
+        print(f"[sweep] seed {s}: stage 1, stage 2, sampling", flush=True)
+        rep = _run(args.preset, common, base, ["stage1", "stage2", "sample"], not args.no_progress)
+        res["stage1"][str(s)] = rep["stage1"]["top1"]
+        for name in names:
+            run_dir = out / f"s{s}_c{list(CANDIDATES).index(name)}"
+            _link_base(base, run_dir)
+            print(f"[sweep] seed {s}: stage 3 '{name}'", flush=True)
+            rep = _run(args.preset, [*common, *CANDIDATES[name]], run_dir, ["stage3"], not args.no_progress)
+            st = rep["stage3"]
+            res["candidates"][name][str(s)] = {
+                "top1": st["top1"],
+                "gain": st["gain"],
+                "ci95": (st.get("gain_stats") or {}).get("ci95"),
+                "overrides": CANDIDATES[name],
+            }
+            res["wall_time_s"] = time.perf_counter() - t0
+            atomic_write_json(Path(args.results) / f"{stem}.json", res)
+            atomic_write_text(Path(args.results) / f"{stem}.md", markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
