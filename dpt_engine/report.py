@@ -117,8 +117,9 @@ def write_report(out: Path, results: dict[str, Any], config: dict[str, Any], env
     report: dict[str, Any] = {
         "preset": config.get("preset"),
         "dataset": config.get("data", {}).get("name"),
-        "eval_split": s1.get("dataset", {}).get("eval_split", "test"),
-        "num_eval": s1.get("num_test"),
+        # from stage 1, or from stage 3 where only it ran (its stage 1 from an earlier call)
+        "eval_split": s1.get("dataset", {}).get("eval_split") or s3.get("eval_split", "test"),
+        "num_eval": s1.get("num_test", s3.get("num_eval")),
         "unreadable_files": (s1.get("dataset") or {}).get("unreadable_files", {}).get("count", 0),
         "stage1": {
             "top1": s1.get("top1"),

@@ -460,6 +460,8 @@ def run_stage3(
             "learner": cfg.stage3.learner,
             "backbone": cfg.stage3.backbone,
             "top1": fit.test_top1,
+            "eval_split": sp.info.get("eval_split", "test"),
+            "num_eval": len(sp.test),
             "stage1_top1": s1,
             "gain": (fit.test_top1 - s1) if (fit.test_top1 is not None and s1 is not None) else None,
             "gain_stats": gain_stats,

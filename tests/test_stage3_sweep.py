@@ -1,0 +1,42 @@
+"""benchmarks/quality/stage3_sweep.py: stage-3 candidates judged on held-out training images."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality.stage3_sweep import CANDIDATES, main
+from dpt_engine.utils.io import read_json
+
+TINY = [
+    "stage1.steps=12", "stage1.eval_every=12", "stage1.checkpoint_every=12", "stage2.steps=4",
+    "stage2.checkpoint_every=4", "sample.images_per_class=3", "sample.steps=2", "sample.fid=false",
+    "stage3.steps=6", "stage3.eval_every=6", "stage3.checkpoint_every=6",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sweep_shares_one_base_per_seed_and_never_reads_the_test_split(tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["--preset", "digits", "--holdout", "100", "--seeds", "0", "--out", str(out), "--results", str(results),
+            "--only", "preset", "no pseudo images (fine-tuning alone)", "--no-progress", "--set", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    res = read_json(results / "stage3_sweep_digits.json")
+    assert set(res["candidates"]) == {"preset", "no pseudo images (fine-tuning alone)"}
+    for i in (0, 1):  # each candidate's stage 3 on the seed's one stage 1 and generator
+        run = out / f"s0_c{i}"
+        assert all((run / s).is_symlink() for s in ("stage1", "stage2", "sample"))
+        report = read_json(run / "report.json")
+        assert report["eval_split"] == "holdout of 100 training images" and report["num_eval"] == 100
+    preset, alone = (
+        res["candidates"]["preset"]["0"],
+        res["candidates"]["no pseudo images (fine-tuning alone)"]["0"],
+    )
+    assert alone["overrides"] == CANDIDATES["no pseudo images (fine-tuning alone)"]
+    s1 = res["stage1"]["0"]
+    assert preset["gain"] == pytest.approx(preset["top1"] - s1) and alone["gain"] == pytest.approx(
+        alone["top1"] - s1
+    )
+    md = (results / "stage3_sweep_digits.md").read_text()
+    assert "The test split is not used" in md and f"{preset['top1']:.2f} ({preset['gain']:+.2f}" in md
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        main([*argv[: -len(TINY) - 1], "--only", "nonsense"])
