@@ -36,7 +36,6 @@ CANDIDATES: dict[str, list[str]] = {
     "lr / 10": ["stage3.lr=0.003"],
     "lr / 10, no pseudo images": ["stage3.lr=0.003", "stage3.pseudo_weight=0"],
     "300 steps": ["stage3.steps=300"],
-    "supervised on real + pseudo": ["stage3.keep_unlabeled=false"],
 }
 
 
