@@ -109,6 +109,12 @@ def test_interrupted_stage_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.delenv("DPT_TEST_INTERRUPT_AT_STEP")
     resumed = run_stage1(ctx, splits)
     assert resumed.summary["resumed_from_step"] == 16
+    # the stage's cost counts the interrupted call up to its checkpoint, not only the resumed one
+    done = json.loads((out / "stage1" / "done.json").read_text())
+    assert done["wall_time_earlier_calls_s"] > 0 and not (out / "stage1" / "attempt.json").exists()
+    assert resumed.wall_time_s == pytest.approx(
+        done["wall_time_this_call_s"] + done["wall_time_earlier_calls_s"]
+    )
     a = torch.load(ref_out / "stage1" / "model.pt", weights_only=True)
     b = torch.load(out / "stage1" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -118,6 +124,44 @@ def test_interrupted_stage_resumes_exactly(tmp_path, monkeypatch):
     pa = np.load(ref_out / "stage1" / "pseudo_labels.npz")
     pb = np.load(out / "stage1" / "pseudo_labels.npz")
     assert np.array_equal(pa["label"], pb["label"])
+
+
+def test_wall_time_of_a_stage_resumed_over_several_calls(tmp_path):
+    """Each interrupted call counts from its start to the newest file it left (its last
+    checkpoint); what came after that is redone, so it does not count twice."""
+    import os
+    import time
+
+    from dpt_engine.stages.common import run_stage
+
+    ctx = setup_run(resolve_config("digits", overrides=FAST), tmp_path / "run", progress=False)
+
+    def killed(stage_dir):
+        ckpt = stage_dir / "ckpt"
+        ckpt.write_text("step 1")
+        started = json.loads((stage_dir / "attempt.json").read_text())["started"]
+        os.utime(ckpt, (started + 40.0, started + 40.0))  # its last checkpoint 40 s after the start
+        raise KeyboardInterrupt
+
+    for _ in range(2):  # two calls killed, 40 s of useful work each
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(ctx, "demo", {"x": 1}, killed)
+    t0 = time.perf_counter()
+    res = run_stage(ctx, "demo", {"x": 1}, lambda stage_dir: {"ok": True})
+    this_call = time.perf_counter() - t0
+    done = json.loads((ctx.stage_dir("demo") / "done.json").read_text())
+    assert done["wall_time_earlier_calls_s"] == pytest.approx(80.0, abs=1.0)
+    assert 0 <= done["wall_time_this_call_s"] <= this_call
+    assert (
+        res.wall_time_s
+        == pytest.approx(done["wall_time_s"])
+        == pytest.approx(80.0 + done["wall_time_this_call_s"])
+    )
+    again = run_stage(ctx, "demo", {"x": 1}, lambda stage_dir: {"ok": False})  # finished: skipped
+    assert again.skipped and again.wall_time_s == pytest.approx(res.wall_time_s)
+    fresh = run_stage(ctx, "other", {"x": 1}, lambda stage_dir: {"ok": True})  # never interrupted
+    assert json.loads((ctx.stage_dir("other") / "done.json").read_text())["wall_time_earlier_calls_s"] == 0.0
+    assert fresh.wall_time_s < 60
 
 
 def test_stage3_on_image_folder(tmp_path):

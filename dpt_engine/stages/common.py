@@ -165,6 +165,34 @@ def _set_aside(stage_dir: Path, fingerprint: str) -> None:
     os.replace(stage_dir, target)
 
 
+# the start of the stage's current call and the useful time of its earlier, interrupted calls
+_ATTEMPT_FILE = "attempt.json"
+
+
+def _start_attempt(stage_dir: Path) -> float:
+    """Record that a call of the stage starts now; return the seconds earlier calls spent on it.
+
+    An earlier call that never finished counts from its start to the newest file it left in the
+    stage directory (its last checkpoint or shard: what it did after that is redone now), so a
+    stage resumed over several sittings reports its whole cost, not only the last sitting's."""
+    path = stage_dir / _ATTEMPT_FILE
+    earlier = 0.0
+    try:
+        rec = read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        rec = {}
+    if rec:
+        earlier = float(rec.get("earlier_s", 0.0))
+        started = float(rec.get("started", 0.0))
+        newest = max(
+            (p.stat().st_mtime for p in stage_dir.rglob("*") if p.is_file() and p.name != _ATTEMPT_FILE),
+            default=started,
+        )
+        earlier += max(0.0, newest - started)
+    atomic_write_json(path, {"started": time.time(), "earlier_s": earlier})
+    return earlier
+
+
 def run_stage(
     ctx: StageContext,
     name: str,
@@ -201,11 +229,13 @@ def run_stage(
     if record is not None:
         log.info("%s: up to date (fingerprint %s), skipping", name, fingerprint)
         return StageResult(name, record["summary"], True, float(record.get("wall_time_s", 0.0)), fingerprint)
+    earlier = 0.0
     if main:
         ctx.write_config()
         _set_aside(stage_dir, fingerprint)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "done.json").unlink(missing_ok=True)
+        earlier = _start_attempt(stage_dir)
         atomic_write_json(
             stage_dir / "fingerprint.json", {"fingerprint": fingerprint, "inputs": fingerprint_inputs}
         )
@@ -221,18 +251,31 @@ def run_stage(
         while (record := stage_done(stage_dir, fingerprint)) is None:
             time.sleep(2.0)
         summary = record["summary"]
-    wall = time.perf_counter() - t0
+    this_call = time.perf_counter() - t0
+    wall = this_call + earlier
     if main:
         atomic_write_json(
             stage_dir / "done.json",
             {
                 "fingerprint": fingerprint,
                 "wall_time_s": wall,
+                "wall_time_this_call_s": this_call,
+                "wall_time_earlier_calls_s": earlier,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "summary": summary,
             },
         )
-        log.info("%s: done in %.1f s", name, wall)
+        (stage_dir / _ATTEMPT_FILE).unlink(missing_ok=True)
+        if earlier:
+            log.info(
+                "%s: done in %.1f s (%.1f s in this call, %.1f s in earlier interrupted ones)",
+                name,
+                wall,
+                this_call,
+                earlier,
+            )
+        else:
+            log.info("%s: done in %.1f s", name, wall)
     summary, wall = broadcast_object((summary, wall))
     return StageResult(name, summary, False, wall, fingerprint)
 
