@@ -51,7 +51,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-__all__ = ["aggregate", "build_parser", "main", "plan_runs"]
+__all__ = ["aggregate", "build_parser", "link_parent", "main", "plan_runs"]
 
 # Smoke scale: the same pipeline with every stage shrunk (2,000 training images, short schedules).
 SMOKE_OVERRIDES = [
@@ -187,13 +187,20 @@ def _record(
         "overrides": [o for o in run["overrides"] + extra if not o.startswith("sample.fid_cache=")],
         "config_digest": config_digest(preset, run["overrides"] + extra),
         "metrics": report["metrics"],
-        # the paired 95% interval of the stage-3 gain over the test images, and their number
-        "stage3_gain_ci95": (report.get("stage3", {}).get("gain_stats") or {}).get("ci95"),
-        "num_eval": report.get("num_eval"),
+        **_report_extras(report),
         "wall_time_s": report["wall_time_s"],
         "wall_time_this_call_s": seconds,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "commit": commit_hash(),
+    }
+
+
+def _report_extras(report: dict[str, Any]) -> dict[str, Any]:
+    """What a record takes from its run's report besides the metrics: the paired 95% interval of
+    the stage-3 gain over the test images, and their number."""
+    return {
+        "stage3_gain_ci95": (report.get("stage3", {}).get("gain_stats") or {}).get("ci95"),
+        "num_eval": report.get("num_eval"),
     }
 
 
@@ -203,34 +210,26 @@ def run_record_path(results: Path, name: str, run: dict[str, Any]) -> Path:
 
 
 def _committed_record(
-    path: Path, preset: str, run: dict[str, Any], extra: list[str], report_path: Path | None = None
+    path: Path, preset: str, run: dict[str, Any], extra: list[str], report_path: Path
 ) -> dict[str, Any] | None:
     """A record committed by an earlier sitting (maybe on another machine) for exactly this config,
-    or for the run whose ``report.json`` is at ``report_path`` (the same metrics)."""
+    or for the run whose ``report.json`` is at ``report_path`` (the same metrics). A record written
+    before records carried the gain's interval and the test-split size gets both from that report
+    where the run directory is still here."""
     from dpt_engine.utils.io import read_json
 
     if not path.is_file():
         return None
     rec = read_json(path)
-    report = read_json(report_path) if report_path is not None and report_path.is_file() else None
+    report = read_json(report_path) if report_path.is_file() else None
     if rec.get("config_digest") != config_digest(preset, run["overrides"] + extra):
         # the resolved config changed shape since (a renamed key, a new default): the record still
         # stands for the run directory it was read from, when that run's report gives the same metrics
         if report is None or report.get("metrics") != rec.get("metrics"):
             return None  # the preset or the overrides changed since: run it again
+    if "num_eval" not in rec and report is not None:
+        rec = {**rec, **_report_extras(report)}
     return rec
-
-
-def _backfill(rec: dict[str, Any], report_path: Path) -> dict[str, Any]:
-    """A record committed before records carried the gain's interval and the test-split size:
-    both read from the run's report where the run directory is still here."""
-    from dpt_engine.utils.io import read_json
-
-    if "num_eval" in rec or not report_path.is_file():
-        return rec
-    report = read_json(report_path)
-    ci = (report.get("stage3", {}).get("gain_stats") or {}).get("ci95")
-    return {**rec, "stage3_gain_ci95": ci, "num_eval": report.get("num_eval")}
 
 
 def _finished_record(run: dict[str, Any], out: Path, extra: list[str], preset: str) -> dict[str, Any] | None:
@@ -254,14 +253,15 @@ def _run_one(run: dict[str, Any], out: Path, preset: str, extra: list[str], prog
 
     cfg = resolve_config(preset, overrides=run["overrides"] + extra)
     if run.get("parent"):
-        _link_parent(out / run["parent"], out / run["name"])
+        link_parent(out / run["parent"], out / run["name"])
     t0 = time.perf_counter()
     report = run_pipeline(cfg, out / run["name"], stages=run["stages"], progress=progress)
     return _record(run, extra, report, time.perf_counter() - t0, preset)
 
 
-def _link_parent(parent: Path, run_dir: Path) -> None:
-    """An ablation reuses its DPT run's finished stage 1, stage 2 and samples (symlinks)."""
+def link_parent(parent: Path, run_dir: Path) -> None:
+    """A run that reuses another run's finished stage 1, stage 2 and samples (symlinks): an ablation,
+    a stage-3 candidate of the sweep."""
     for stage in ("stage1", "stage2", "sample"):
         if not (parent / stage / "done.json").is_file():
             raise RuntimeError(f"{parent.name} has not finished {stage}: run it before its ablation")
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             run_record_path(results, args.name, run), args.preset, run, extra, report_path
         )
         if rec is not None:
-            done[i] = _backfill(rec, report_path)
+            done[i] = rec
             print(f"[quality] {run['name']}: committed result reused", flush=True)
     todo = [i for i in range(len(runs)) if i not in done]
 

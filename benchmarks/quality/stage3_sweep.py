@@ -39,15 +39,6 @@ CANDIDATES: dict[str, list[str]] = {
 }
 
 
-def _link_base(base: Path, run_dir: Path) -> None:
-    """A candidate reuses its seed's stage 1, stage 2 and samples (symlinks)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stage in ("stage1", "stage2", "sample"):
-        link = run_dir / stage
-        if not link.exists():
-            link.symlink_to(Path("..") / base.name / stage, target_is_directory=True)
-
-
 def _run(
     preset: str, overrides: list[str], run_dir: Path, stages: list[str], progress: bool
 ) -> dict[str, Any]:
@@ -120,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpt_engine.utils.io import atomic_write_json, atomic_write_text
 
     from ..harness import commit_hash, device_name
+    from .run_quality import link_parent
 
     names = list(CANDIDATES) if args.only is None else args.only
     unknown = [n for n in names if n not in CANDIDATES]
@@ -146,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         res["stage1"][str(s)] = rep["stage1"]["top1"]
         for name in names:
             run_dir = out / f"s{s}_c{list(CANDIDATES).index(name)}"
-            _link_base(base, run_dir)
+            link_parent(base, run_dir)
             print(f"[sweep] seed {s}: stage 3 '{name}'", flush=True)
             rep = _run(args.preset, [*common, *CANDIDATES[name]], run_dir, ["stage3"], not args.no_progress)
             st = rep["stage3"]

@@ -181,9 +181,9 @@ def _start_attempt(stage_dir: Path) -> float:
         rec = read_json(path) if path.is_file() else {}
     except (OSError, ValueError):
         rec = {}
-    if rec:
+    if "started" in rec:
         earlier = float(rec.get("earlier_s", 0.0))
-        started = float(rec.get("started", 0.0))
+        started = float(rec["started"])
         newest = max(
             (p.stat().st_mtime for p in stage_dir.rglob("*") if p.is_file() and p.name != _ATTEMPT_FILE),
             default=started,
