@@ -294,8 +294,14 @@ def test_checkpoints_go_through_the_shared_manager_and_the_old_format_resumes(di
     meta = json.loads((step4 / "meta.json").read_text())
     assert set(meta["sha256"]) == {"trainer.pt", "rng-rank0.pt"} and meta["step"] == 4
 
-    # the earlier format: the same payload as one file next to the model, no step directories
-    (run / "checkpoint.pt").write_bytes((step4 / "trainer.pt").read_bytes())
+    # the earlier format: one file next to the model, no step directories, the version-1 layout
+    # (samplers at the top level, "gen", the logged sums, torch's RNG inside)
+    now = torch.load(step4 / "trainer.pt", weights_only=True)
+    assert now["version"] == 2 and set(now["batches"]) == {"sampler_l", "sampler_u"}
+    v1 = {k: now[k] for k in ("fingerprint", "step", "history", "model", "ema", "optimizer", "thresholds")}
+    v1.update(now["batches"], version=1, gen=now["generator"], cuda_rng=None, **now["sums"])
+    v1["torch_rng"] = torch.load(step4 / "rng-rank0.pt", weights_only=True)["torch"]
+    torch.save(v1, run / "checkpoint.pt")
     shutil.rmtree(run / "checkpoints")
     res = fit_classifier(cfg, data, run, cpu, seed=1, progress=False)
     assert res.resumed_from == 4 and not (run / "checkpoint.pt").exists()

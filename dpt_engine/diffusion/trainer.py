@@ -32,11 +32,12 @@ import torch.distributed as dist
 from ..config.schema import DiffusionConfig
 from ..models.denoisers import denoiser_flops
 from ..train.batch import DiffusionData, draw_global_batch, micro_batches, micro_loss, min_snr_weight
-from ..train.checkpoint import CheckpointManager, restore_rng_state
+from ..train.checkpoint import CheckpointManager
 from ..train.ema import ema_decay_at
 from ..train.engine import Backend, build_backend, setup_process_group
 from ..train.guards import BadStepGuard, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
 from ..train.loop import TrainingSteps
+from ..train.state import TrainState, load_train_state, save_train_state
 from ..utils.dist import DistInfo, barrier
 from ..utils.io import atomic_torch_save
 from .schedules import NoiseSchedule, make_schedule
@@ -140,11 +141,12 @@ def fit_diffusion(
     # sharding backends change the module in place: keep a plain copy to return the EMA in
     template = None if cfg.strategy in ("single", "ddp") else copy.deepcopy(net)
     backend = build_backend(net, cfg, device, info)
-    gen = torch.Generator().manual_seed(seed)
     guard = BadStepGuard(cfg.max_bad_steps)
+    state = TrainState(torch.Generator().manual_seed(seed), guard=guard)
     ckpts = CheckpointManager(work_dir / "checkpoints", cfg.keep_checkpoints)
     ckpts.remove_partial()
-    start, history = _resume(backend, ckpts, work_dir, gen, guard, info)
+    _resume(backend, ckpts, work_dir, state, info)
+    start, history = state.step, state.history
     if start:
         log.info("stage2: resuming from step %d", start)
 
@@ -157,7 +159,13 @@ def fit_diffusion(
 
     def save(done: int) -> None:
         t_save = time.perf_counter()
-        _save(backend, ckpts, done, history, gen, guard)
+        state.step = done
+        meta = {
+            "strategy": backend.name,
+            "full_state": backend.full_state,
+            "zero_stage": backend.cfg.zero_stage,
+        }
+        save_train_state(ckpts, state, meta, write_files=backend.save)
         meter.exclude(time.perf_counter() - t_save)  # images/s measures training steps only
 
     loop = TrainingSteps(
@@ -170,7 +178,7 @@ def fit_diffusion(
     )
     try:
         for step in loop:
-            res = train_step(backend, data, cfg, schedule, gen, step, guard, device, info)
+            res = train_step(backend, data, cfg, schedule, state.gen, step, guard, device, info)
             lr = res.lr
             if res.applied:
                 running.append(res.loss)
@@ -204,53 +212,20 @@ def fit_diffusion(
     return DiffusionFit(ema=ema, history=history, resumed_from=start)
 
 
-def _save(
-    backend: Backend,
-    ckpts: CheckpointManager,
-    step: int,
-    history: list[dict],
-    gen: torch.Generator,
-    guard: BadStepGuard,
-) -> None:
-    def write(tmp: Path) -> None:
-        backend.save(tmp)
-        if backend.info.is_main:
-            with open(tmp / "trainer.pt", "wb") as f:
-                torch.save(
-                    {
-                        "step": step,
-                        "history": history,
-                        "generator": gen.get_state(),
-                        "guard": guard.state_dict(),
-                    },
-                    f,
-                )
-
-    meta = {"strategy": backend.name, "full_state": backend.full_state, "zero_stage": backend.cfg.zero_stage}
-    ckpts.save(step, write, meta)
-
-
-def _resume(
-    backend: Backend,
-    ckpts: CheckpointManager,
-    work_dir: Path,
-    gen: torch.Generator,
-    guard: BadStepGuard,
-    info,
-) -> tuple[int, list[dict]]:
-    """Load the newest checkpoint into ``backend``; (start step, history). (0, []) when none."""
+def _resume(backend: Backend, ckpts: CheckpointManager, work_dir: Path, state: TrainState, info) -> None:
+    """Load the newest checkpoint into ``backend`` and ``state`` (step, history, data generator,
+    guard); nothing when there is none."""
     latest = ckpts.latest()
     if latest is None:
         legacy = work_dir / "checkpoint.pt"
-        if (
-            legacy.is_file() and backend.full_state
-        ):  # written by the single-process trainer before checkpoints/
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
-            backend.load_state(state)
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            return int(state["step"]), list(state["history"])
-        return 0, []
+        # a checkpoint.pt written by the single-process trainer before checkpoints/ existed
+        if legacy.is_file() and backend.full_state:
+            old = torch.load(legacy, map_location="cpu", weights_only=True)
+            backend.load_state(old)
+            state.gen.set_state(old["generator"])
+            torch.set_rng_state(old["torch_rng"])
+            state.step, state.history = int(old["step"]), list(old["history"])
+        return
     meta = ckpts.read_meta(latest)
     written_by = meta.get("strategy", meta.get("backend"))  # "backend" before the rename
     same_kind = written_by == backend.name or (meta.get("full_state") and backend.full_state)
@@ -268,14 +243,5 @@ def _resume(
             "DeepSpeed's zero_to_fp32.py and start a new run"
         )
     # DeepSpeed's loader and DCP unpickle their files: load only what this code wrote, unchanged
-    ckpts.verify(latest, require_digests=backend.name in ("deepspeed", "fsdp2"))
-    backend.load(latest)
-    trainer = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=True)
-    gen.set_state(trainer["generator"])
-    guard.load_state_dict(trainer["guard"])
-    rng = latest / f"rng-rank{info.rank}.pt"
-    if rng.is_file():
-        restore_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
-    else:
-        log.warning("stage2: %s has no random state for rank %d (world size changed)", latest, info.rank)
-    return int(trainer["step"]), list(trainer["history"])
+    require = backend.name in ("deepspeed", "fsdp2")
+    load_train_state(latest, state, require_digests=require, read_files=backend.load)

@@ -27,11 +27,11 @@ labeled set is exhausted), unlabeled ones likewise, ``uratio * batch_size`` per 
 and augmentation randomness comes from one ``torch.Generator`` seeded from ``seed``.
 
 Resumability: every ``cfg.checkpoint_every`` steps (and at the last step) a checkpoint
-``work_dir/checkpoints/step-N/`` is written by the checkpoint manager stage 2 uses
-(``dpt_engine.train.checkpoint``: an atomic directory, every file's sha256 and a signature in its
-``meta.json``, the newest one kept) with the model, EMA, optimizer, FreeMatch state, sampler
-positions, the generator state, the global torch (and CUDA) RNG states, the history and the
-metric accumulators (``trainer.pt``); re-running ``fit_classifier`` with the same arguments
+``work_dir/checkpoints/step-N/`` of the train state stage 2 uses too (``dpt_engine.train.state``
+through ``dpt_engine.train.checkpoint``: an atomic directory, every file's sha256 and a signature
+in its ``meta.json``, the newest one kept): the model, EMA, optimizer, FreeMatch state, sampler
+positions, the generator state, the history and the metric accumulators (``trainer.pt``), the
+global random states (``rng-rank0.pt``); re-running ``fit_classifier`` with the same arguments
 resumes from it (a ``work_dir/checkpoint.pt`` of the earlier single-file format too). On CPU
 an interrupted-and-resumed run ends with bit-identical EMA weights and history (except the
 wall-clock ``time`` column) to an uninterrupted one. ``model.pt`` (the EMA state dict) and
@@ -60,9 +60,10 @@ from torch import nn
 from ..config.schema import ClassifierConfig
 from ..data.base import DataError, ImageDataset, iterate_batches
 from ..models.classifiers import create_classifier
-from ..train.checkpoint import CheckpointManager, restore_rng_state
+from ..train.checkpoint import CheckpointManager
 from ..train.ema import ema_decay_at
 from ..train.loop import TrainingSteps
+from ..train.state import TrainState, load_train_state, save_train_state
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
 from ..utils.pixels import uint8_to_unit
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 INTERRUPT_ENV = testhooks.INTERRUPT_AT_STEP_ENV
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2  # 2: the shared train state (dpt_engine.train.state); 1 is resumed too
 _MAX_DEVICE_STORE_BYTES = 2 << 30  # image stores up to 2 GiB live on the GPU
 _MAX_MATERIALISE_BYTES = 8 << 30  # folder datasets up to 8 GiB are read into memory once
 
@@ -614,106 +615,101 @@ def classifier_losses(
     return loss, terms.detach().double()
 
 
-class _TrainState:
-    """Everything a classifier run resumes from: model, EMA, optimizer, FreeMatch thresholds, the
-    batch samplers, the data generator, torch's RNG, the history and the step, with
-    ``state_dict`` / ``load_state_dict`` (the ``trainer.pt`` payload of a checkpoint)."""
+class _LogSums:
+    """The running sums of the logged terms since the last history row, and the training time."""
 
-    def __init__(
-        self,
-        cfg: ClassifierConfig,
-        data: ClassifierData,
-        batches: _Batches,
-        device: torch.device,
-        seed: int,
-        init_state: Optional[dict],
-    ):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = create_classifier(
-                cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
-            )
-        if init_state is not None:
-            model.load_state_dict(init_state, strict=True)
-        self.device = device
-        self.model = model.to(device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        self.optimizer = torch.optim.SGD(
-            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov
-        )
-        self.thresholds = FreeMatchThresholds(data.num_classes, cfg.tau_ema, device)
-        self.batches = batches
-        self.gen = torch.Generator().manual_seed(seed)
-        self.history: list[dict] = []
-        self.acc = torch.zeros(_N_ACC, dtype=torch.float64, device=device)  # sums of the logged terms
-        self.step, self.elapsed = 0, 0.0
+    def __init__(self, device: torch.device) -> None:
+        self.acc = torch.zeros(_N_ACC, dtype=torch.float64, device=device)
+        self.elapsed = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        cuda = self.device.type == "cuda"
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "thresholds": self.thresholds.state_dict(),
-            **self.batches.state_dict(),
-            "gen": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-            "history": self.history,
-            "acc": self.acc.cpu(),
-            "elapsed": self.elapsed,
-        }
+        return {"acc": self.acc.cpu(), "elapsed": self.elapsed}
 
-    def load_state_dict(self, ck: dict[str, Any]) -> None:
-        self.model.load_state_dict(ck["model"])
-        self.ema.load_state_dict(ck["ema"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.thresholds.load_state_dict(ck["thresholds"])
-        self.batches.load_state_dict(ck)
-        self.gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        if self.device.type == "cuda" and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
-        self.history = list(ck["history"])
-        self.acc = ck["acc"].to(self.device)
-        self.step, self.elapsed = int(ck["step"]), float(ck["elapsed"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.acc = state["acc"].to(self.acc.device)
+        self.elapsed = float(state["elapsed"])
 
 
-def _load_checkpoint(ckpts: CheckpointManager, work_dir: Path, fingerprint: str) -> Optional[dict[str, Any]]:
-    """The newest checkpoint's ``trainer.pt`` (its files checked against its ``meta.json``), or a
-    ``checkpoint.pt`` of the earlier single-file format; None when there is none. A checkpoint of
-    another configuration is an error. The global random states of the checkpoint (numpy, python)
-    are restored here; torch's come with the train state."""
+def _train_state(
+    cfg: ClassifierConfig,
+    data: ClassifierData,
+    batches: _Batches,
+    device: torch.device,
+    seed: int,
+    init_state: Optional[dict],
+) -> TrainState:
+    """Everything a classifier run resumes from (``dpt_engine.train.state``): the step, history and
+    data generator, and the parts model, EMA, optimizer, FreeMatch thresholds, batch samplers and
+    logged sums."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_classifier(
+            cfg.backbone, data.num_classes, data.labeled.channels, data.labeled.image_size
+        )
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    model = model.to(device)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    return TrainState(
+        torch.Generator().manual_seed(seed),
+        model=model,
+        ema=copy.deepcopy(model).eval().requires_grad_(False),
+        optimizer=torch.optim.SGD(
+            _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov
+        ),
+        thresholds=FreeMatchThresholds(data.num_classes, cfg.tau_ema, device),
+        batches=batches,
+        sums=_LogSums(device),
+    )
+
+
+def _upgrade(ck: dict[str, Any]) -> dict[str, Any]:
+    """A payload of checkpoint version 1 (before the shared train state: samplers at the top level,
+    ``gen``, ``acc`` / ``elapsed``) in the current layout."""
+    if ck.get("version") == _CKPT_VERSION:
+        return ck
+    samplers = {k: ck[k] for k in ("sampler_l", "sampler_p", "sampler_u") if k in ck}
+    keep = ("step", "history", "model", "ema", "optimizer", "thresholds")
+    return {
+        **{k: ck[k] for k in keep},
+        "generator": ck["gen"],
+        "batches": samplers,
+        "sums": {"acc": ck["acc"], "elapsed": ck["elapsed"]},
+    }
+
+
+def _resume(ckpts: CheckpointManager, work_dir: Path, fingerprint: str, st: TrainState) -> None:
+    """Resume ``st`` from the newest checkpoint (its files checked against its ``meta.json``), or
+    from a ``checkpoint.pt`` of the earlier single-file format; nothing when there is none. A
+    checkpoint of another configuration is an error."""
+
+    def check(ck: dict[str, Any], path: Path) -> None:
+        if ck.get("version") not in (1, _CKPT_VERSION) or ck.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{path} was written by a different configuration or data (fingerprint "
+                f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
+            )
+
     latest = ckpts.latest()
     if latest is not None:
-        ckpts.verify(latest, require_digests=False)
-        path = latest / "trainer.pt"
-    else:
-        path = work_dir / "checkpoint.pt"
-        if not path.exists():
-            return None
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if ck.get("version") != _CKPT_VERSION or ck.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{path} was written by a different configuration or data (fingerprint "
-            f"{ck.get('fingerprint')} != {fingerprint}); delete it or use another work_dir"
-        )
-    if latest is not None and (latest / "rng-rank0.pt").is_file():
-        restore_rng_state(torch.load(latest / "rng-rank0.pt", map_location="cpu", weights_only=True))
-    return ck
+        load_train_state(latest, st, require_digests=False, check=check, upgrade=_upgrade)
+        return
+    legacy = work_dir / "checkpoint.pt"
+    if legacy.exists():
+        ck = torch.load(legacy, map_location="cpu", weights_only=True)
+        check(ck, legacy)
+        st.load_state_dict(_upgrade(ck))
+        torch.set_rng_state(ck["torch_rng"])  # the single-file format's only copy of it
+        device = _model_device(st.model)
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
 
 
-def _save_checkpoint(ckpts: CheckpointManager, work_dir: Path, fingerprint: str, st: _TrainState) -> None:
+def _save_checkpoint(ckpts: CheckpointManager, work_dir: Path, fingerprint: str, st: TrainState) -> None:
     """A step checkpoint through the shared manager; a single-file checkpoint of the earlier format
     goes once a newer one exists."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp / "trainer.pt", "wb") as f:
-            torch.save({"version": _CKPT_VERSION, "fingerprint": fingerprint, **st.state_dict()}, f)
-
-    ckpts.save(st.step, write, {"trainer": "classifier"})
+    header = {"version": _CKPT_VERSION, "fingerprint": fingerprint}
+    save_train_state(ckpts, st, {"trainer": "classifier"}, header=header)
     (work_dir / "checkpoint.pt").unlink(missing_ok=True)
 
 
@@ -748,10 +744,8 @@ def fit_classifier(
     ckpts.remove_partial()
     fingerprint = _fingerprint(cfg, data, seed, init_state)
     batches = _Batches(cfg, data, device, semi=cfg.learner != "supervised")
-    st = _TrainState(cfg, data, batches, device, seed, init_state)
-    ck = _load_checkpoint(ckpts, work_dir, fingerprint)
-    if ck is not None:
-        st.load_state_dict(ck)
+    st = _train_state(cfg, data, batches, device, seed, init_state)
+    _resume(ckpts, work_dir, fingerprint, st)
     start = st.step
 
     log_every = max(1, min(cfg.eval_every, 25))
@@ -780,16 +774,16 @@ def fit_classifier(
         loss.backward()
         st.optimizer.step()
         _ema_update(st.ema, st.model, ema_decay_at(step, cfg.ema_decay))
-        st.acc += terms
+        st.sums.acc += terms
         st.step = step
 
         # ---- log and evaluate (the loop checkpoints)
         is_eval = step % cfg.eval_every == 0 or step == cfg.steps
         if step % log_every == 0 or is_eval:
             now = time.perf_counter()
-            st.elapsed, t0 = st.elapsed + (now - t0), now
-            row = _history_row(step, st.acc.tolist(), lr, st.elapsed, cfg.learner)
-            st.acc.zero_()
+            st.sums.elapsed, t0 = st.sums.elapsed + (now - t0), now
+            row = _history_row(step, st.sums.acc.tolist(), lr, st.sums.elapsed, cfg.learner)
+            st.sums.acc.zero_()
             if is_eval and data.test is not None:
                 row["test_top1"] = last_top1 = evaluate_top1(st.ema, data.test, device=device)
             st.history.append(row)

@@ -3,6 +3,8 @@
 * ``engine``: backends behind one interface (single process, DDP, FSDP2, DeepSpeed ZeRO 0-3).
 * ``batch``: the backend-independent global batch, split into per-rank micro-batches.
 * ``checkpoint``: atomic step-directory checkpoints (rank-aware, keep-last-N, RNG states).
+* ``state``: the train state both trainers checkpoint (step, history, data generator, named parts
+  such as model / EMA / optimizer) and its save / resume through ``checkpoint``.
 * ``ema``: the EMA warm-up both trainers use; ``loop``: their step loop (progress, checkpoint
   cadence, the simulated kill of the tests).
 * ``guards``: non-finite loss skipping, out-of-memory hints, throughput/MFU, TensorBoard.
@@ -14,6 +16,7 @@ from .ema import ema_decay_at
 from .engine import BACKENDS, Backend, build_backend, param_groups, setup_process_group
 from .guards import BadStepGuard, NonFiniteLossError, TensorBoardLogger, ThroughputMeter, oom_hint, peak_flops
 from .loop import TrainingSteps
+from .state import TrainState, load_train_state, save_train_state
 
 __all__ = [
     "BACKENDS",
@@ -25,16 +28,19 @@ __all__ = [
     "NonFiniteLossError",
     "TensorBoardLogger",
     "ThroughputMeter",
+    "TrainState",
     "TrainingSteps",
     "build_backend",
     "capture_rng_state",
     "draw_global_batch",
     "ema_decay_at",
+    "load_train_state",
     "micro_batches",
     "micro_loss",
     "oom_hint",
     "param_groups",
     "peak_flops",
     "restore_rng_state",
+    "save_train_state",
     "setup_process_group",
 ]
