@@ -141,8 +141,10 @@ def paired_ratio_band(numerator: Sequence[float], denominator: Sequence[float]) 
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache
 def commit_hash() -> str:
-    """``git rev-parse --short HEAD`` of this repository, or ``'unknown'``."""
+    """``git rev-parse --short HEAD`` of this repository when first asked in this process (the code
+    a long benchmark loaded, even if commits land while it runs), or ``'unknown'``."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..harness import commit_hash, device_name
 
+    commit_hash()  # the code this process loaded: records written hours later name it, not a later HEAD
     out, results = Path(args.out), Path(args.results)
     # every run uses the same real images for FID: their Inception statistics are computed once
     extra = [f"sample.fid_cache={(out / 'fid_cache').resolve()}"]
