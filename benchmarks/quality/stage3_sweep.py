@@ -36,6 +36,18 @@ CANDIDATES: dict[str, list[str]] = {
     "lr / 10": ["stage3.lr=0.003"],
     "lr / 10, no pseudo images": ["stage3.lr=0.003", "stage3.pseudo_weight=0"],
     "300 steps": ["stage3.steps=300"],
+    # DPT's own CIFAR-10 stage 3: the learner retrained from scratch with the pseudo images drawn
+    # into the labeled batches like real ones, as long as stage 1; and the same without them
+    "from scratch, uniform (DPT's CIFAR-10 recipe)": [
+        "stage3.init_from_stage1=false",
+        "stage3.pseudo_weighting=uniform",
+        "stage3.steps=1000",
+    ],
+    "from scratch, no pseudo images": [
+        "stage3.init_from_stage1=false",
+        "stage3.pseudo_weight=0",
+        "stage3.steps=1000",
+    ],
 }
 
 
