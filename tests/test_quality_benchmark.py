@@ -114,6 +114,13 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     partial = read_json(results / "quality_fashion_mnist.json")
     assert partial["meta"]["missing"] == ["k1_s2"] and not partial["meta"]["complete"]
     assert partial["aggregate"] == out["aggregate"] and not (tmp_path / "runs" / "k1_s2").exists()
+    # a call for part of the benchmark (here without the stage-1-only seed) keeps the runs of other
+    # calls in the tables, from their committed records
+    i = argv.index("--classifier-only-seeds")
+    assert main([*argv[:i], *argv[i + 2 :], "--no-run"]) == 0
+    part = read_json(results / "quality_fashion_mnist.json")
+    assert [r["name"] for r in part["runs"]] == ["k1_s0", "k1_s1", "k1_s0_nopseudo"]
+    assert part["aggregate"] == out["aggregate"] and part["meta"]["complete"]
 
     # the diagnosis re-evaluates the saved classifiers: same test top-1 as the pipeline reported
     diag_argv = ["--out", str(tmp_path / "runs"), "--preset", "digits", "--oracle-steps", "30"]

@@ -232,6 +232,23 @@ def _committed_record(
     return rec
 
 
+def _other_records(results: Path, name: str, planned: set[str]) -> list[dict[str, Any]]:
+    """The committed records under ``<results>/<name>_runs/`` of runs outside ``planned``."""
+    from dpt_engine.utils.io import read_json
+
+    folder = results / f"{name}_runs"
+    if not folder.is_dir():
+        return []
+    return [read_json(p) for p in sorted(folder.glob("*.json")) if p.stem not in planned]
+
+
+def _record_order(rec: dict[str, Any]) -> tuple:
+    """DPT runs by k and seed, then stage-1-only seeds, the reference generators, the ablations."""
+    kinds = ("dpt", "stage1-only", "reference-true", "reference-none", "ablation-no-pseudo")
+    rank = kinds.index(rec["kind"]) if rec["kind"] in kinds else len(kinds)
+    return rank, rec.get("labels_per_class") or 0, rec.get("seed") or 0, rec["name"]
+
+
 def _finished_record(run: dict[str, Any], out: Path, extra: list[str], preset: str) -> dict[str, Any] | None:
     """The record of a run that already finished all its stages (from its report.json), else None."""
     from dpt_engine.utils.io import read_json
@@ -554,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
 
     def write_results() -> dict[str, Any]:
-        records = [done[i] for i in sorted(done)]
+        # the results describe the whole benchmark: runs of earlier sittings outside this call's
+        # plan (another k or seed) stay in the tables, from their committed records
+        records = sorted(
+            [done[i] for i in done] + _other_records(results, args.name, {r["name"] for r in runs}),
+            key=_record_order,
+        )
         agg = aggregate(records)
         meta = {
             "scale": args.scale,
