@@ -11,6 +11,7 @@ from .base import (
     DatasetSplits,
     ImageDataset,
     iterate_batches,
+    worker_start_method,
 )
 from .cifar import CIFAR10_CLASSES, SafeUnpickler, load_cifar10, read_cifar_batch, safe_pickle_load
 from .dali_input import ImageBatch, ImageLoader, SkippedImage, load_images, resolve_image_decoder
@@ -79,5 +80,6 @@ __all__ = [
     "select_per_class",
     "subset_file_lines",
     "take_subset",
+    "worker_start_method",
     "write_index_file",
 ]

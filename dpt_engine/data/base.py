@@ -8,6 +8,7 @@ memory (:class:`ArrayImageDataset`); image folders load files on demand
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,7 +23,19 @@ __all__ = [
     "DatasetSplits",
     "ImageDataset",
     "iterate_batches",
+    "worker_start_method",
 ]
+
+
+def worker_start_method() -> str:
+    """Start method for DataLoader workers: ``forkserver`` where the platform has it, else ``spawn``.
+
+    Never ``fork``: by the time a stage reads an image folder the process holds OpenMP, DALI and
+    gloo threads, and a forked copy of a threaded process can crash in the child (a DataLoader
+    worker died with SIGSEGV in CI this way). Workers start from a clean server process instead;
+    the datasets are picklable for that.
+    """
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 class DataError(RuntimeError):
@@ -141,7 +154,11 @@ def iterate_batches(
             yield dataset.get_batch(c), dataset.labels[c], c
         return
     loader = torch.utils.data.DataLoader(
-        _ChunkDataset(dataset, chunks), batch_size=None, num_workers=num_workers, persistent_workers=False
+        _ChunkDataset(dataset, chunks),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        multiprocessing_context=worker_start_method(),
     )
     for c, images in zip(chunks, loader):
         yield images, dataset.labels[c], c

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data.base import worker_start_method
 from .inception import FEATURE_DIM, load_inception
 
 __all__ = [
@@ -80,6 +81,7 @@ def iter_image_batches(images: ImageSource, batch_size: int, num_workers: int = 
         shuffle=False,
         drop_last=False,
         num_workers=num_workers,
+        multiprocessing_context=worker_start_method() if num_workers > 0 else None,
     )
     yield from loader
 
