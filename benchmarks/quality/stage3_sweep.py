@@ -48,6 +48,16 @@ CANDIDATES: dict[str, list[str]] = {
         "stage3.pseudo_weight=0",
         "stage3.steps=1000",
     ],
+    # the preset's fine-tuning with every pseudo image drawn into the labeled batches like a real one
+    "uniform (pseudo images drawn like real ones)": ["stage3.pseudo_weighting=uniform"],
+    # how much the pseudo images alone teach: from scratch on the labeled + pseudo images, no real
+    # unlabeled images (a supervised learner on a mostly generated labeled set)
+    "from scratch, labeled + pseudo images only": [
+        "stage3.init_from_stage1=false",
+        "stage3.pseudo_weighting=uniform",
+        "stage3.keep_unlabeled=false",
+        "stage3.steps=1000",
+    ],
 }
 
 
