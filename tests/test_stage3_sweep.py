@@ -36,6 +36,14 @@ def test_sweep_shares_one_base_per_seed_and_never_reads_the_test_split(tmp_path)
     assert preset["gain"] == pytest.approx(preset["top1"] - s1) and alone["gain"] == pytest.approx(
         alone["top1"] - s1
     )
+    base = res["base_wall_time_s"]["0"]
+    assert set(base) == {"stage1", "stage2", "sample"} and all(t > 0 for t in base.values())
+    assert preset["wall_time_s"] > 0 and alone["wall_time_s"] > 0
+    assert res["wall_time_s"] == pytest.approx(
+        sum(base.values()) + preset["wall_time_s"] + alone["wall_time_s"]
+    )
+    assert main(argv) == 0  # a rerun resumes every run: the times stay those the stages took
+    assert read_json(results / "stage3_sweep_digits.json")["wall_time_s"] == pytest.approx(res["wall_time_s"])
     md = (results / "stage3_sweep_digits.md").read_text()
     assert "The test split is not used" in md and f"{preset['top1']:.2f} ({preset['gain']:+.2f}" in md
     with pytest.raises(SystemExit, match="unknown candidate"):
