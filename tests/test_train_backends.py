@@ -5,7 +5,8 @@ each rank takes its slice), so its per-step losses and final EMA must match the 
 run. Tolerance: the backends differ from the reference only in floating-point summation order
 (gradients reduced across ranks / summed over micro-batches instead of one batched sum). Measured:
 losses agree to ~1.2e-7 relative after 4 steps (fp32 rounding; AdamW's normalised update keeps
-relative errors relative). ``RTOL = 1e-5`` leaves ~100x margin. Because AdamW is nearly
+relative errors relative). ``RTOL = 1e-5`` leaves ~100x margin, except at the odd EMA element
+whose AdamW update is ill-conditioned (see ``_assert_ema_matches``). Because AdamW is nearly
 scale-invariant, a wrong gradient scale barely moves the losses (a 2x error: ~3e-4), so the
 pre-clipping gradient norm is compared too: it is off by the same factor as the error.
 
@@ -46,6 +47,25 @@ CASES = {
     "zero2": ("deepspeed", 2, 2, True, {"offload_optimizer": True}),
     "zero3": ("deepspeed", 3, 1, False, {"grad_checkpointing": True}),
 }
+
+
+def _assert_ema_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """EMA weights equal up to summation order: all but a few elements within ``RTOL`` (atol 1e-6),
+    and those few within a twentieth of one AdamW step (lr 2e-3).
+
+    AdamW moves each weight by about ``lr * m / sqrt(v)``, which is ill-conditioned where a
+    gradient element is a near-cancelling sum of the order of AdamW's eps: there a reordered sum can
+    move the update by a visible fraction of lr (measured on an AMX Xeon: 1 of 4,096 elements 4.2e-6
+    apart, the rest within 1e-7). A real fault (a dropped micro-batch, a wrong slice, rank 1 keeping
+    its own weights) moves most elements by a whole step and fails both bounds.
+    """
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    diff = (got.double() - want.double()).abs()
+    off = diff > 1e-6 + RTOL * want.double().abs()
+    assert int(off.sum()) <= max(1, want.numel() // 1000), (
+        f"{what}: {int(off.sum())} of {want.numel()} elements differ beyond rtol {RTOL} (max {float(diff.max()):.2e})"
+    )
+    assert float(diff.max()) <= 1e-4, f"{what}: an element differs by {float(diff.max()):.2e} (> lr / 20)"
 
 
 def _net(seed: int = 0) -> torch.nn.Module:
@@ -170,7 +190,7 @@ def test_backend_matches_single_process_and_resumes(case, tmp_path):
     # scale-invariant update would hide from the losses
     torch.testing.assert_close(torch.tensor(res["full_grad_norm"]), torch.tensor(ref_norm), rtol=RTOL, atol=0)
     for k, v in ref.ema.state_dict().items():
-        torch.testing.assert_close(res["full_ema"][k], v, rtol=RTOL, atol=1e-6, msg=f"{case}: EMA {k}")
+        _assert_ema_matches(res["full_ema"][k], v, f"{case}: EMA {k}")
     # the exported plain state dict (stage 2's model.pt) holds the full model and EMA
     assert set(res["model_pt"]["ema"]) == set(ref.ema.state_dict())
     assert set(res["model_pt"]["model"]) == set(ref.ema.state_dict())
