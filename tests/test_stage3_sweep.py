@@ -46,5 +46,19 @@ def test_sweep_shares_one_base_per_seed_and_never_reads_the_test_split(tmp_path)
     assert read_json(results / "stage3_sweep_digits.json")["wall_time_s"] == pytest.approx(res["wall_time_s"])
     md = (results / "stage3_sweep_digits.md").read_text()
     assert "The test split is not used" in md and f"{preset['top1']:.2f} ({preset['gain']:+.2f}" in md
+    # a later call for another seed and one candidate keeps what the earlier calls recorded
+    one = list(argv)
+    one[one.index("--seeds") + 1] = "1"
+    i = one.index("--only")
+    one[i + 1 : i + 3] = ["preset"]
+    assert main(one) == 0
+    grown = read_json(results / "stage3_sweep_digits.json")
+    assert grown["seeds"] == [0, 1] and set(grown["stage1"]) == {"0", "1"}
+    assert set(grown["candidates"]["preset"]) == {"0", "1"}
+    assert (
+        grown["candidates"]["no pseudo images (fine-tuning alone)"]
+        == res["candidates"]["no pseudo images (fine-tuning alone)"]
+    )
+    assert grown["wall_time_s"] > res["wall_time_s"]
     with pytest.raises(SystemExit, match="unknown candidate"):
         main([*argv[: -len(TINY) - 1], "--only", "nonsense"])

@@ -111,6 +111,34 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _keep_earlier(res: dict[str, Any], path: Path, seeds: list[int]) -> None:
+    """Keep what an earlier call recorded for the same preset, holdout and overrides (other seeds,
+    other candidates), so a sweep can grow seed by seed; this call's runs replace theirs."""
+    if not path.is_file():
+        return
+    from dpt_engine.utils.io import read_json
+
+    old = read_json(path)
+    if (old.get("preset"), old.get("holdout"), old.get("set", [])) != (
+        res["preset"],
+        res["holdout"],
+        res["set"],
+    ):
+        return
+    res["seeds"] = sorted({*old.get("seeds", []), *seeds})
+    for key in ("stage1", "base_wall_time_s"):
+        res[key].update(old.get(key, {}))  # this call's seeds are rewritten as their base runs finish
+    merged = {}
+    for name in CANDIDATES:  # the candidates' own order
+        rerun = name in res["candidates"]
+        old_runs = old.get("candidates", {}).get(name, {})
+        per_seed = {k: v for k, v in old_runs.items() if not (rerun and int(k) in seeds)}
+        if rerun or per_seed:
+            merged[name] = per_seed
+    res["candidates"] = merged
+    res["wall_time_s"] = _total_wall_time(res)
+
+
 def _total_wall_time(res: dict[str, Any]) -> float:
     """Seconds of compute behind the table: every base run's stages plus every candidate's stage 3."""
     total = sum(sum(w.values()) for w in res["base_wall_time_s"].values())
@@ -148,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
     out = Path(args.out)
+    stem = f"stage3_sweep_{args.preset}"
     res: dict[str, Any] = {
         "preset": args.preset,
         "holdout": args.holdout,
@@ -155,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit_hash(),
         "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
         "command": " ".join(["python -m benchmarks.quality.stage3_sweep", *(argv or sys.argv[1:])]),
+        "set": list(args.set),
         "stage1": {},
         "candidates": {n: {} for n in names},
         # the compute the table stands for: each run's own stage times (a resumed or reused stage
@@ -162,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_wall_time_s": {},
         "wall_time_s": 0.0,
     }
-    stem = f"stage3_sweep_{args.preset}"
+    _keep_earlier(res, Path(args.results) / f"{stem}.json", args.seeds)
     for s in args.seeds:
         common = [f"data.holdout={args.holdout}", f"data.seed={s}", f"run.seed={s}", *args.set]
         base = out / f"s{s}_base"
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ci95": (st.get("gain_stats") or {}).get("ci95"),
                 "overrides": CANDIDATES[name],
                 "wall_time_s": (rep.get("wall_time_s") or {}).get("stage3"),
+                "commit": res["commit"],
             }
             res["wall_time_s"] = _total_wall_time(res)
             atomic_write_json(Path(args.results) / f"{stem}.json", res)
