@@ -133,6 +133,9 @@ class ClassifierConfig:
     checkpoint_every: int = 250
     # linear-probe
     probe_checkpoint: Optional[str] = None  # local backbone weights for the linear probe
+    # trainable learners: local backbone weights to start from instead of a random init (e.g. a
+    # self-supervised pretraining's); the classifier head starts fresh
+    init_checkpoint: Optional[str] = None
     probe_l2: float = 0.0025  # L2 penalty: mean CE + probe_l2/2 * ||W||^2
     probe_l2_per_sample: bool = False  # divide probe_l2 by the number of labeled images (DPT/MSN: 0.0025/N)
     probe_max_iter: int = 300
@@ -176,6 +179,15 @@ class ClassifierConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_backbone("backbone", self.backbone)
+        if self.init_checkpoint and self.learner == "linear-probe":
+            raise ConfigError(
+                "init_checkpoint starts a trainable learner; a linear probe reads its frozen backbone "
+                "from probe_checkpoint instead"
+            )
+        if self.init_checkpoint and self.init_from_stage1:
+            raise ConfigError(
+                "init_checkpoint and init_from_stage1=true both choose the starting weights: set only one"
+            )
 
 
 ScheduleName = Literal["discrete-linear", "discrete-scaled-linear", "vp-linear"]
@@ -382,6 +394,7 @@ def check_input_paths(cfg: PipelineConfig) -> None:
     for stage in ("stage1", "stage3"):
         c = getattr(cfg, stage)
         _existing_path(f"{stage}.probe_checkpoint", c.probe_checkpoint, "the backbone weights file")
+        _existing_path(f"{stage}.init_checkpoint", c.init_checkpoint, "the backbone weights file")
         _existing_path(f"{stage}.pseudo_dir", c.pseudo_dir, "a folder of generated images (ImageFolder tree)")
     _existing_path(
         "stage2.autoencoder",

@@ -4,6 +4,7 @@ predictions that stage 3's paired gain is computed from."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,16 @@ from ..config.base import to_dict
 from ..config.schema import ClassifierConfig
 from ..data import DatasetSplits
 from ..ssl import ClassifierData, FitResult, fit_classifier, fit_linear_probe, predict_proba
-from ..utils.io import atomic_save_npz
+from ..utils.io import atomic_save_npz, file_sha256
 from .common import StageContext
 
-__all__ = ["check_classifier", "classifier_fingerprint", "fit_learner", "save_test_predictions"]
+__all__ = [
+    "check_classifier",
+    "classifier_fingerprint",
+    "fit_learner",
+    "initial_weights",
+    "save_test_predictions",
+]
 
 # Keys that change how often we log or checkpoint, not what is computed.
 # The stage-3-only keys enter stage 3's fingerprint on their own.
@@ -41,6 +48,10 @@ def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
         d.get("precision") == "auto"
     ):  # the behaviour before the field existed: old runs keep their fingerprint
         d.pop("precision")
+    if d.get("init_checkpoint") is None:  # likewise
+        d.pop("init_checkpoint", None)
+    elif Path(d["init_checkpoint"]).expanduser().is_file():  # new weights at the same path: a new run
+        d["init_checkpoint_sha256"] = file_sha256(Path(d["init_checkpoint"]).expanduser())
     return d
 
 
@@ -60,10 +71,27 @@ def fit_learner(
     return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress, init_state=init_state)
 
 
+def initial_weights(cfg: ClassifierConfig, sp: DatasetSplits, seed: int) -> dict[str, torch.Tensor] | None:
+    """The state a trainable learner starts from when ``cfg.init_checkpoint`` is set: the
+    classifier as ``seed`` initialises it, its backbone replaced by the checkpoint's weights (the
+    head stays fresh). ``None`` without an ``init_checkpoint``."""
+    if not cfg.init_checkpoint:
+        return None
+    from ..models.classifiers import create_classifier
+    from ..ssl.linear_probe import load_backbone_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_classifier(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
+    load_backbone_weights(model, Path(cfg.init_checkpoint).expanduser())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None:
     """Build the stage's classifier for the dataset once (and read a linear probe's backbone
-    weights) before the run directory is touched: a backbone that does not fit the images, or
-    unusable weights, fail here with the setting to change."""
+    weights, or the weights a trainable learner starts from) before the run directory is touched:
+    a backbone that does not fit the images, or unusable weights, fail here with the setting to
+    change."""
     from ..config.base import ConfigError
     from ..models.checkpoints import CheckpointError
     from ..models.classifiers import create_classifier
@@ -85,6 +113,23 @@ def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None
             f"{key}.backbone={cfg.backbone!r} cannot be built for {sp.channels}-channel {sp.image_size}px images "
             f"({first}); choose another {key}.backbone (or set data.image_size)"
         ) from None
+    if cfg.init_checkpoint and cfg.learner != "linear-probe":
+        try:
+            initial_weights(cfg, sp, 0)
+        except (
+            ValueError,
+            RuntimeError,
+            KeyError,
+            TypeError,
+            EOFError,
+            OSError,
+            pickle.UnpicklingError,
+        ) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ConfigError(
+                f"{key}.init_checkpoint={cfg.init_checkpoint!r} cannot start {key}.backbone={cfg.backbone!r} "
+                f"({first}); give backbone weights saved from the same {key}.backbone"
+            ) from None
 
 
 def save_test_predictions(

@@ -21,7 +21,13 @@ import torch
 from ..data import DatasetSplits, build_splits, write_index_file
 from ..ssl import ClassifierData, predict_proba
 from ..utils.io import atomic_save_npz, atomic_write_json, atomic_write_text
-from .classifier_stage import check_classifier, classifier_fingerprint, fit_learner, save_test_predictions
+from .classifier_stage import (
+    check_classifier,
+    classifier_fingerprint,
+    fit_learner,
+    initial_weights,
+    save_test_predictions,
+)
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
@@ -112,7 +118,8 @@ def run_stage1(ctx: StageContext, splits: DatasetSplits | None = None) -> StageR
             len(sp.test),
             sp.num_classes,
         )
-        fit = fit_learner(cfg.stage1, data, stage_dir, ctx, cfg.run.seed)
+        init_state = initial_weights(cfg.stage1, sp, cfg.run.seed)
+        fit = fit_learner(cfg.stage1, data, stage_dir, ctx, cfg.run.seed, init_state=init_state)
         atomic_write_json(stage_dir / "history.json", fit.history)
         log.info("stage1: pseudo-labelling %d training images", len(sp.train))
         probs = predict_proba(

@@ -24,7 +24,13 @@ from ..sampling import ShardDataset, is_shard_dir
 from ..ssl import ClassifierData
 from ..utils.io import atomic_write_json, read_json
 from .artifacts import load_classifier
-from .classifier_stage import check_classifier, classifier_fingerprint, fit_learner, save_test_predictions
+from .classifier_stage import (
+    check_classifier,
+    classifier_fingerprint,
+    fit_learner,
+    initial_weights,
+    save_test_predictions,
+)
 from .common import StageContext, StageResult, data_fingerprint, run_stage
 
 log = logging.getLogger("dpt_engine")
@@ -440,8 +446,10 @@ def run_stage3(
         pseudo, pseudo_w, filter_info = _select_and_weight(ctx, sp, pseudo)
         if "init" in loaded:
             init_state = loaded.pop("init")
+        elif cfg.stage3.init_from_stage1:
+            init_state = _stage1_init(ctx)
         else:
-            init_state = _stage1_init(ctx) if cfg.stage3.init_from_stage1 else None
+            init_state = initial_weights(cfg.stage3, sp, cfg.run.seed)
         data = _stage3_data(ctx, sp, pseudo, pseudo_w, filter_info)
         semi = data.unlabeled is not None
         log.info(
@@ -471,7 +479,8 @@ def run_stage3(
             "pseudo_dir": str(pseudo_dir),
             "keep_unlabeled": bool(semi),
             "resumed_from_step": fit.resumed_from,
-            "init_from_stage1": init_state is not None,
+            "init_from_stage1": bool(cfg.stage3.init_from_stage1),
+            "init_checkpoint": cfg.stage3.init_checkpoint,
             "pseudo_weighting": cfg.stage3.pseudo_weighting,
             "pseudo_weight": cfg.stage3.pseudo_weight,
             "filter_pseudo": cfg.stage3.filter_pseudo,

@@ -18,7 +18,6 @@ checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -35,7 +34,7 @@ import torch
 from ..models.checkpoints import CheckpointError
 from ..utils import testhooks
 from ..utils.dist import barrier, broadcast_object, dist_info
-from ..utils.io import atomic_write_json, read_json
+from ..utils.io import atomic_write_json, file_sha256, read_json
 from ..utils.trust import key_location, sign, signature_matches
 
 log = logging.getLogger("dpt_engine")
@@ -87,14 +86,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 CHECKPOINT_FORMAT = "dpt-checkpoint-2"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_tree(path: Path) -> dict[str, str]:
     """fsync every file and directory under ``path`` (so the rename publishes durable data); return
     every file's sha256 by relative path."""
@@ -102,7 +93,7 @@ def _fsync_tree(path: Path) -> dict[str, str]:
     for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
             full = Path(dirpath, name)
-            digests[str(full.relative_to(path))] = _sha256(full)
+            digests[str(full.relative_to(path))] = file_sha256(full)
             with open(full, "rb") as f:
                 os.fsync(f.fileno())
         fd = os.open(dirpath, os.O_RDONLY)
@@ -258,7 +249,7 @@ class CheckpointManager:
                 f"{ckpt}: files differ from its meta.json (unlisted: {extra[:5]}, missing: {missing[:5]}); {fix}"
             )
         for name, digest in digests.items():
-            if _sha256(ckpt / name) != digest:
+            if file_sha256(ckpt / name) != digest:
                 raise CheckpointIntegrityError(
                     f"{ckpt}: {name} changed since it was written (sha256 differs); {fix}"
                 )
