@@ -1,19 +1,22 @@
-"""Which stage-2 recipe makes a class-faithful Fashion-MNIST generator in a CPU budget?
+"""Which stage-2 recipe makes a class-faithful generator in a CPU budget (Fashion-MNIST, digits)?
 
-Every candidate trains the ``fashion-mnist`` preset's stage 2 on the *true* labels for the same
+Every candidate trains the preset's stage 2 (``--preset``: ``fashion-mnist`` or ``digits``, each
+with its own candidates in ``RECIPES``) on the *true* labels for the same
 wall-clock budget (its step count comes from a short throughput probe of that candidate, so a
 faster network gets more steps, as it would for a user), then samples ``--per-class`` images per
 class. Scored on generated images only, never on the test split:
 
 * class fidelity: the share of generated images the oracle (``diagnose.train_oracle``: the same
-  ``cnn-small`` trained fully supervised on all 60,000 training labels) puts in their intended
-  class, overall and per class;
+  ``cnn-small`` trained fully supervised on every training label) puts in their intended class,
+  overall and per class;
 * FID (TF-Inception) of the generated images against as many real *training* images.
 
-Results: ``benchmarks/results/recipe_fashion_mnist.{json,md,png}``; each candidate is a resumable
+Results: ``benchmarks/results/recipe_<preset>.{json,md,png}`` (``recipe_fashion_mnist``,
+``recipe_digits``); each candidate is a resumable
 run directory under ``--out`` (a finished one is read back, not retrained).
 
     python -m benchmarks.quality.recipe_search --out runs/recipe --minutes 6
+    python -m benchmarks.quality.recipe_search --preset digits --out runs/recipe_digits --minutes 5
 """
 
 from __future__ import annotations
@@ -29,39 +32,66 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-__all__ = ["CANDIDATES", "build_parser", "main", "probe_images_per_s"]
+__all__ = ["CANDIDATES", "RECIPES", "build_parser", "main", "probe_images_per_s"]
 
-# (name, stage-2 overrides): the preset's recipe first, then one lever at a time, then combinations
-CANDIDATES: list[tuple[str, list[str]]] = [
-    ("uvit-tiny28", ["stage2.model=uvit-tiny28"]),
-    ("uvit-tiny28+minsnr", ["stage2.model=uvit-tiny28", "stage2.loss_weighting=min-snr"]),
-    ("unet-tiny28", ["stage2.model=unet-tiny28"]),
-    ("unet-tiny28+minsnr", ["stage2.model=unet-tiny28", "stage2.loss_weighting=min-snr"]),
-    ("unet-s2d28+minsnr", ["stage2.model=unet-s2d28", "stage2.loss_weighting=min-snr"]),
-    (
-        "unet-tiny28+minsnr+lr2e-3",
-        ["stage2.model=unet-tiny28", "stage2.loss_weighting=min-snr", "stage2.lr=2e-3"],
-    ),
-]
+
+def _candidate(model: str, min_snr: bool = False, lr: float = 1e-3) -> tuple[str, list[str]]:
+    """A named candidate that sets every lever the search varies, so it means the same recipe
+    whatever the preset ships now (the preset may have adopted an earlier winner)."""
+    name = (
+        model + ("+minsnr" if min_snr else "") + ("" if lr == 1e-3 else f"+lr{lr:.0e}".replace("e-0", "e-"))
+    )
+    return name, [
+        f"stage2.model={model}",
+        f"stage2.loss_weighting={'min-snr' if min_snr else 'uniform'}",
+        f"stage2.lr={lr:g}",
+    ]
+
+
+# Per preset: the overrides every candidate shares, and the candidates (name, stage-2 overrides):
+# the original recipe first, then one lever at a time, then combinations.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {
+        "common": ["stage2.precision=bf16"],
+        "candidates": [
+            _candidate("uvit-tiny28"),
+            _candidate("uvit-tiny28", min_snr=True),
+            _candidate("unet-tiny28"),
+            _candidate("unet-tiny28", min_snr=True),
+            _candidate("unet-s2d28", min_snr=True),
+            _candidate("unet-tiny28", min_snr=True, lr=2e-3),
+        ],
+    },
+    # the preset's own precision (auto: fp32 on a CPU) for every candidate
+    "digits": {
+        "common": [],
+        "candidates": [
+            _candidate("uvit-tiny8"),
+            _candidate("uvit-tiny8", min_snr=True),
+            _candidate("unet-tiny8", min_snr=True),
+            _candidate("unet-tiny8", min_snr=True, lr=2e-3),
+        ],
+    },
+}
+CANDIDATES = RECIPES["fashion-mnist"]["candidates"]
 
 COMMON = [
     "stage2.label_source=true",
-    "stage2.precision=bf16",
     "stage2.log_every=50",
     "stage2.checkpoint_every=200",
 ]
 
 
-def probe_images_per_s(cfg, steps: int = 3) -> float:
+def probe_images_per_s(cfg, image_size: int, channels: int, steps: int = 3) -> float:
     """Training images/s of the candidate's network at its batch size and precision (after one
     warm-up step), on random data: the step count of a time budget."""
     from dpt_engine.models.denoisers import create_denoiser
 
     s = cfg.stage2
     torch.manual_seed(0)
-    net = create_denoiser(s.model, img_size=28, in_chans=1, num_classes=10)
+    net = create_denoiser(s.model, img_size=image_size, in_chans=channels, num_classes=10)
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr)
-    x = torch.randn(s.batch_size, 1, 28, 28)
+    x = torch.randn(s.batch_size, channels, image_size, image_size)
     t = torch.rand(s.batch_size) * 999
     y = torch.randint(0, 11, (s.batch_size,))
 
@@ -88,10 +118,11 @@ def run_candidate(
     from dpt_engine.pipeline import run_pipeline
     from dpt_engine.ssl.trainer import predict_proba
     from dpt_engine.stages.stage3 import load_pseudo_images
-    from dpt_engine.utils.io import read_json
+    from dpt_engine.utils.io import atomic_write_json, read_json
 
     from .diagnose import _per_class_acc
 
+    common = COMMON + RECIPES[args.preset]["common"]
     run_dir = Path(args.out) / name
     sample = [
         f"sample.images_per_class={args.per_class}",
@@ -102,16 +133,15 @@ def run_candidate(
     if plan_path.is_file():  # the step count is fixed when the candidate first starts
         plan = read_json(plan_path)
     else:
-        probe_cfg = resolve_config(args.preset, overrides=COMMON + overrides)
-        img_s = probe_images_per_s(probe_cfg)
+        probe_cfg = resolve_config(args.preset, overrides=common + overrides)
+        sp = build_splits(probe_cfg.data)
+        img_s = probe_images_per_s(probe_cfg, sp.image_size, sp.channels)
         steps = max(50, int(args.minutes * 60 * img_s / probe_cfg.stage2.batch_size))
         plan = {"probe_images_per_s": img_s, "steps": steps, "minutes": args.minutes}
         run_dir.mkdir(parents=True, exist_ok=True)
-        from dpt_engine.utils.io import atomic_write_json
-
         atomic_write_json(plan_path, plan)
     all_overrides = (
-        COMMON + overrides + [f"stage2.steps={plan['steps']}", f"stage2.warmup_steps={args.warmup}"]
+        common + overrides + [f"stage2.steps={plan['steps']}", f"stage2.warmup_steps={args.warmup}"]
     )
     cfg = resolve_config(args.preset, overrides=all_overrides + sample)
     print(
@@ -145,10 +175,11 @@ def run_candidate(
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "# Stage-2 recipe search (Fashion-MNIST, true labels, equal wall-clock budget)",
+        f"# Stage-2 recipe search (preset `{meta.get('preset', 'fashion-mnist')}`, true labels, "
+        "equal wall-clock budget)",
         "",
-        f"Each candidate: {meta['minutes']} min of stage-2 training at batch 128 (bf16 autocast, "
-        f"{meta['threads']} threads, {meta['device']}), then {meta['per_class']} images per class "
+        f"Each candidate: {meta['minutes']} min of stage-2 training at batch 128 "
+        f"({meta.get('precision', 'bf16 autocast')}, {meta['threads']} threads, {meta['device']}), then {meta['per_class']} images per class "
         "(the preset's sampler). Class fidelity = share the fully supervised oracle "
         f"(test top-1 {meta['oracle_test_top1']:.1f}%) puts in the intended class; FID against as many "
         "real training images. Nothing here looks at the test split.",
@@ -191,14 +222,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/recipe")
-    p.add_argument("--preset", default="fashion-mnist")
+    p.add_argument("--preset", default="fashion-mnist", choices=sorted(RECIPES))
     p.add_argument("--minutes", type=float, default=6.0, help="stage-2 training budget per candidate")
     p.add_argument("--warmup", type=int, default=100, help="lr warm-up steps of every candidate")
     p.add_argument("--per-class", type=int, default=100, help="generated images per class")
     p.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all)")
     p.add_argument("--oracle-dir", default="runs/quality", help="where diagnose's oracle is cached")
+    p.add_argument("--oracle-steps", type=int, default=1000, help="the oracle's supervised training steps")
     p.add_argument("--results", default=str(RESULTS_DIR))
-    p.add_argument("--name", default="recipe_fashion_mnist")
+    p.add_argument("--name", default=None, help="results file stem (default: recipe_<preset>)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -212,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     from .diagnose import train_oracle
 
     args = build_parser().parse_args(argv)
-    oracle, oinfo = train_oracle(Path(args.oracle_dir), args.preset, 1000, progress=False)
+    args.name = args.name or "recipe_" + args.preset.replace("-", "_")
+    candidates = RECIPES[args.preset]["candidates"]
+    oracle, oinfo = train_oracle(Path(args.oracle_dir), args.preset, args.oracle_steps, progress=False)
     oracle.eval()
     results = Path(args.results)
     prev = results / f"{args.name}.json"
@@ -221,12 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         from dpt_engine.utils.io import read_json
 
         rows = {r["name"]: r for r in read_json(prev)["candidates"]}
-    for name, overrides in CANDIDATES:
+    for name, overrides in candidates:
         if args.only is not None and name not in args.only:
             continue
         rows[name] = run_candidate(name, overrides, args, oracle)
-        ordered = [rows[n] for n, _ in CANDIDATES if n in rows]
+        ordered = [rows[n] for n, _ in candidates if n in rows]
         meta = {
+            "preset": args.preset,
+            "precision": "bf16 autocast"
+            if "stage2.precision=bf16" in RECIPES[args.preset]["common"]
+            else "the preset's precision",
             "minutes": args.minutes,
             "per_class": args.per_class,
             "warmup_steps": args.warmup,
