@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.quality.stage3_defence import BASE as DEFENCE_BASE
 from benchmarks.quality.stage3_defence import write_generator
+from dpt_engine.config.base import ConfigError
 from dpt_engine.config.presets import resolve_config
 from dpt_engine.data import build_splits
 from dpt_engine.pipeline import setup_run
@@ -113,3 +114,18 @@ def test_pseudo_weight_zero_trains_on_the_real_images_alone(trained):
     assert s3["num_pseudo"] == 0 and s3["pseudo_kept"] == 0 and s3["pseudo_stage1_agreement"] > 0.6
     assert "trained on the real images alone" in s3["what_stage3_did"]
     assert s3["top1"] >= trained[2] - 2.0
+
+
+def test_max_pseudo_share_caps_the_batch_share(trained):
+    """``stage3.max_pseudo_share``: however faithful the generator, the pseudo images take at most
+    that share of each labeled batch; the real labeled images keep the rest."""
+    s3 = _stage3(trained, 0, [*DEFENDED, "stage3.max_pseudo_share=0.25"])
+    assert s3["pseudo_trust"] > 0.6 and s3["pseudo_batch_share"] == 0.25 and s3["pseudo_share_capped"]
+    assert "capped at stage3.max_pseudo_share=0.25" in s3["what_stage3_did"]
+    free = _stage3(trained, 0, DEFENDED)
+    assert "pseudo_share_capped" not in free and free["pseudo_batch_share"] > 0.6
+    assert s3["top1"] != free["top1"]  # a different batch composition trains a different classifier
+    with pytest.raises(
+        ConfigError, match=r"^stage3\.max_pseudo_share caps .*stage1-agreement gives \(got 0\.5\)"
+    ):
+        resolve_config("digits", overrides=["stage3.pseudo_weighting=uniform", "stage3.max_pseudo_share=0.5"])

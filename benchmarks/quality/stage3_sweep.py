@@ -57,6 +57,9 @@ CANDIDATES: dict[str, list[str]] = {
         "stage3.keep_unlabeled=false",
         "stage3.steps=1000",
     ],
+    # the preset with the pseudo images' batch share capped (real labeled images keep the rest)
+    "pseudo share <= 0.5": ["stage3.max_pseudo_share=0.5"],
+    "pseudo share <= 0.25": ["stage3.max_pseudo_share=0.25"],
 }
 
 

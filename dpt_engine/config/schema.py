@@ -155,6 +155,9 @@ class ClassifierConfig:
     #   stage1-confidence: loss weight pseudo_weight x the stage-1 probability of the intended class.
     # The two stage-1 modes make the weights absolute (a batch of weight-0 images adds nothing).
     pseudo_weighting: Literal["uniform", "stage1-agreement", "stage1-confidence"] = "uniform"
+    # stage1-agreement: the largest share of each labeled batch the pseudo images may take, however
+    # much stage 1 agrees with them (the real labeled images keep the rest)
+    max_pseudo_share: float = 1.0
     init_from_stage1: bool = False  # start from stage 1's weights (fine-tune) instead of from scratch
     # training forward/backward precision: auto = bf16 autocast on CUDA, fp32 on a CPU; bf16 = bf16
     # autocast on any device (2.2x faster for cnn-small on an AVX512-BF16 CPU); fp32 master weights,
@@ -175,6 +178,12 @@ class ClassifierConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("tau_ema", self.tau_ema, 0.0, 1.0)
+        _check_range("max_pseudo_share", self.max_pseudo_share, 0.0, 1.0, hi_open=False)
+        if self.max_pseudo_share < 1 and self.pseudo_weighting != "stage1-agreement":
+            raise ConfigError(
+                "max_pseudo_share caps the batch share that pseudo_weighting=stage1-agreement gives "
+                f"(got {self.max_pseudo_share}); set that weighting or leave max_pseudo_share at 1"
+            )
         for name in ("lambda_u", "lambda_ent", "pseudo_weight", "probe_l2"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

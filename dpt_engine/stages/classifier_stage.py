@@ -36,6 +36,7 @@ _NON_SEMANTIC = (
     "keep_unlabeled",
     "pseudo_weight",
     "pseudo_weighting",
+    "max_pseudo_share",
     "init_from_stage1",
 )
 

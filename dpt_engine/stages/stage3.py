@@ -323,9 +323,14 @@ def describe_stage3(s: dict[str, Any]) -> str:
         if trust <= 0.0:
             parts.append("that is no better than chance, so stage 3 trained without the pseudo images")
         else:
+            capped = (
+                f", capped at stage3.max_pseudo_share={float(s.get('pseudo_batch_share', 0.0)):g}"
+                if s.get("pseudo_share_capped")
+                else ""
+            )
             parts.append(
                 f"so they filled {100 * float(s.get('pseudo_batch_share', 0.0)):.1f}% of each labeled batch "
-                f"(their share of the labeled images times the trust {trust:.2f}, the agreement above chance) "
+                f"(their share of the labeled images times the trust {trust:.2f}, the agreement above chance{capped}) "
                 "and real labeled images the rest"
             )
     if s.get("pseudo_weighting") == "stage1-confidence" and s.get("pseudo_weight") != 0:
@@ -361,6 +366,12 @@ def _stage3_fingerprint(ctx: StageContext, pseudo_dir: Path) -> dict[str, Any]:
             {
                 "pseudo_weighting": cfg.stage3.pseudo_weighting,
                 "init_from_stage1": cfg.stage3.init_from_stage1,
+                # only when set: runs from before the cap keep their fingerprint
+                **(
+                    {"max_pseudo_share": cfg.stage3.max_pseudo_share}
+                    if cfg.stage3.max_pseudo_share < 1
+                    else {}
+                ),
                 "stage1_model": _file_digest(ctx.stage_dir("stage1") / "model.pt"),
             }
             if _needs_stage1(cfg)
@@ -385,7 +396,10 @@ def _stage3_data(
     share = None
     if s3.pseudo_weighting == "stage1-agreement" and len(pseudo):
         natural = len(pseudo) / (n_real + len(pseudo))  # what a uniform draw gives
-        share = info["pseudo_batch_share"] = float(info["pseudo_trust"]) * natural
+        share = float(info["pseudo_trust"]) * natural
+        if share > s3.max_pseudo_share:
+            share, info["pseudo_share_capped"] = s3.max_pseudo_share, True
+        info["pseudo_batch_share"] = share
     semi = s3.keep_unlabeled and s3.learner in ("freematch", "fixmatch")
     return ClassifierData(
         labeled=combined,
