@@ -129,3 +129,23 @@ def test_max_pseudo_share_caps_the_batch_share(trained):
         ConfigError, match=r"^stage3\.max_pseudo_share caps .*stage1-agreement gives \(got 0\.5\)"
     ):
         resolve_config("digits", overrides=["stage3.pseudo_weighting=uniform", "stage3.max_pseudo_share=0.5"])
+
+
+def test_stage3_can_start_from_given_backbone_weights(trained):
+    """``stage3.init_checkpoint``: with a learning rate too small to move anything, stage 3 ends
+    with the given backbone weights (stage 1's here) and a fresh head of its own."""
+    import torch
+
+    root = trained[0]
+    weights = root / "run" / "stage1" / "model.pt"
+    frozen = [*PLAIN, "stage3.lr=1e-12", f"stage3.init_checkpoint={weights}"]
+    s3 = _stage3(trained, 0, frozen)
+    assert s3["init_checkpoint"] == str(weights) and not s3["init_from_stage1"]
+    got = torch.load(root / "run" / "stage3" / "model.pt", weights_only=True)
+    ref = torch.load(weights, weights_only=True)
+    params = [
+        k for k in ref if ref[k].is_floating_point() and "running_" not in k
+    ]  # BN statistics still move
+    same = [k for k in params if torch.allclose(got[k], ref[k], atol=1e-6)]
+    moved = [k for k in params if k not in same]
+    assert len(same) > 4 and 1 <= len(moved) <= 2, moved  # all but the last layer's weight and bias
