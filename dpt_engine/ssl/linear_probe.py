@@ -252,7 +252,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probe checkpoint {path} does not exist (no weights are downloaded)")
-    sd: Any = torch.load(path, map_location="cpu", weights_only=True)
+    from ..models.checkpoints import read_checkpoint  # safe: tensors only, a clear error otherwise
+
+    sd: Any = read_checkpoint(path)
     for key in ("target_encoder", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
