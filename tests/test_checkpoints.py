@@ -107,6 +107,15 @@ def test_garbage_file(tmp_path):
         read_state_dict(path)
 
 
+@pytest.mark.parametrize("data", [b"junk", b"", b"\x80"])
+def test_tiny_file(tmp_path, data):
+    """A few bytes (an empty or interrupted download) is the same clear error, not a struct.error."""
+    path = tmp_path / "tiny.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_state_dict(path)
+
+
 def test_plain_pickle_is_named_and_torch_advice_never_relayed(tmp_path):
     import pickle
 

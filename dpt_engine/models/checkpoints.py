@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -135,7 +136,16 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             f"{path}: checkpoint is truncated or corrupt (its pickle cannot be read safely). "
             "Fix: re-download or re-export the checkpoint."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        struct.error,  # a file of a few bytes: torch's legacy reader unpacks a header it does not have
+    ) as exc:
         first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
         raise CheckpointError(
             f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {first[:200]}). "
