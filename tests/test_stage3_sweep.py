@@ -62,3 +62,34 @@ def test_sweep_shares_one_base_per_seed_and_never_reads_the_test_split(tmp_path)
     assert grown["wall_time_s"] > res["wall_time_s"]
     with pytest.raises(SystemExit, match="unknown candidate"):
         main([*argv[: -len(TINY) - 1], "--only", "nonsense"])
+
+
+def test_reused_stages_follow_what_a_candidate_changes():
+    from benchmarks.quality.stage3_sweep import reused_stages
+
+    assert reused_stages(["stage3.lr=0.003"]) == ("stage1", "stage2", "sample")
+    assert reused_stages(["sample.guidance_scale=0.4", "stage3.steps=5"]) == ("stage1", "stage2")
+    assert reused_stages(["stage2.model=unet-tiny8", "sample.steps=5"]) == ("stage1",)
+    for bad in (["stage1.steps=5"], ["data.holdout=10"], ["run.seed=3"]):
+        with pytest.raises(ValueError, match="cannot change"):
+            reused_stages(bad)
+    for name, overrides in CANDIDATES.items():  # every shipped candidate can share stage 1
+        assert "stage1" in reused_stages(overrides), name
+
+
+@pytest.mark.slow
+def test_a_sampling_candidate_resamples_the_seeds_generator(tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["--preset", "digits", "--holdout", "100", "--seeds", "0", "--out", str(out), "--results", str(results),
+            "--only", "preset", "guidance 0.4", "--no-progress", "--set", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    run = out / f"s0_c{list(CANDIDATES).index('guidance 0.4')}"
+    assert (run / "stage1").is_symlink() and (run / "stage2").is_symlink()
+    assert (run / "sample").is_dir() and not (run / "sample").is_symlink()
+    assert read_json(run / "sample" / "done.json")  # sampled here, from the base's generator
+    cfg = (run / "config.yaml").read_text()
+    assert "guidance_scale: 0.4" in cfg
+    res = read_json(results / "stage3_sweep_digits.json")
+    g = res["candidates"]["guidance 0.4"]["0"]
+    assert g["stages_run"] == ["sample", "stage3"] and g["wall_time_s"] > 0
+    assert res["candidates"]["preset"]["0"]["stages_run"] == ["stage3"]

@@ -276,14 +276,16 @@ def _run_one(run: dict[str, Any], out: Path, preset: str, extra: list[str], prog
     return _record(run, extra, report, time.perf_counter() - t0, preset)
 
 
-def link_parent(parent: Path, run_dir: Path) -> None:
-    """A run that reuses another run's finished stage 1, stage 2 and samples (symlinks): an ablation,
-    a stage-3 candidate of the sweep."""
-    for stage in ("stage1", "stage2", "sample"):
+def link_parent(
+    parent: Path, run_dir: Path, stages: tuple[str, ...] = ("stage1", "stage2", "sample")
+) -> None:
+    """A run that reuses another run's finished ``stages`` (symlinks; by default stage 1, stage 2
+    and the samples): an ablation, a candidate of the stage-3 sweep."""
+    for stage in stages:
         if not (parent / stage / "done.json").is_file():
             raise RuntimeError(f"{parent.name} has not finished {stage}: run it before its ablation")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stage in ("stage1", "stage2", "sample"):
+    for stage in stages:
         link = run_dir / stage
         if not link.exists():
             link.symlink_to(Path("..") / parent.name / stage, target_is_directory=True)

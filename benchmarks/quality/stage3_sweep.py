@@ -60,7 +60,28 @@ CANDIDATES: dict[str, list[str]] = {
     # the preset with the pseudo images' batch share capped (real labeled images keep the rest)
     "pseudo share <= 0.5": ["stage3.max_pseudo_share=0.5"],
     "pseudo share <= 0.25": ["stage3.max_pseudo_share=0.25"],
+    # the pseudo images themselves: guidance trades class fidelity for diversity (DPT samples
+    # ImageNet at 0.4; the small-image presets at 1.0, chosen by class fidelity, not by stage 3).
+    # These resample from the seed's stage-2 model, then run the preset's stage 3.
+    "guidance 0.4": ["sample.guidance_scale=0.4"],
+    "guidance 0 (no guidance)": ["sample.guidance_scale=0"],
+    "guidance 2": ["sample.guidance_scale=2"],
 }
+
+_STAGES = ("stage1", "stage2", "sample")
+
+
+def reused_stages(overrides: list[str]) -> tuple[str, ...]:
+    """The base run's stages a candidate can share: all three unless it changes stage 2 (then it
+    retrains the generator on the same stage 1) or sampling (then it resamples the same generator)."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    if any(k.startswith(("data.", "stage1.", "run.")) for k in keys):
+        raise ValueError(f"a sweep candidate cannot change the data, stage 1 or the run: {overrides}")
+    if any(k.startswith("stage2.") for k in keys):
+        return _STAGES[:1]
+    if any(k.startswith("sample.") for k in keys):
+        return _STAGES[:2]
+    return _STAGES
 
 
 def _run(
@@ -88,13 +109,26 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"{res['holdout']} class-balanced training images held out of every stage (labels unseen) are the "
         f"evaluation split; label seeds {', '.join(map(str, seeds))}; each candidate's stage 3 runs on the same "
-        f"stage 1 and pseudo images of its seed. Commit {res['commit']}, {res['device']}, "
+        "stage 1 and pseudo images of its seed (a candidate that changes sampling resamples the seed's "
+        "generator, one that changes stage 2 retrains it, both on that stage 1; their cells give their FID). "
+        f"Commit {res['commit']}, {res['device']}, "
         f"{res['wall_time_s'] / 60:.0f} min of compute in all (each run's own stage times). The test split "
         "is not used.",
         "",
         "Stage 1 on the held-out images (%): "
         + ", ".join(f"seed {s}: {res['stage1'][str(s)]:.2f}" for s in seeds if str(s) in res["stage1"]),
         "",
+        *(
+            [
+                "FID of the base runs' pseudo-label generators: "
+                + ", ".join(
+                    f"seed {s}: {res['base_fid'][str(s)]:.1f}" for s in seeds if str(s) in res["base_fid"]
+                ),
+                "",
+            ]
+            if res.get("base_fid")
+            else []
+        ),
         "| stage 3 | "
         + " | ".join(f"seed {s}: top-1 (gain, 95% interval)" for s in seeds)
         + " | mean gain |",
@@ -108,7 +142,8 @@ def markdown(res: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             lo, hi = r["ci95"] if r.get("ci95") else (float("nan"), float("nan"))
-            cells.append(f"{r['top1']:.2f} ({r['gain']:+.2f}, {lo:+.2f}..{hi:+.2f})")
+            fid = f"; FID {r['fid']:.1f}" if r.get("fid") is not None else ""
+            cells.append(f"{r['top1']:.2f} ({r['gain']:+.2f}, {lo:+.2f}..{hi:+.2f}{fid})")
             gains.append(r["gain"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean(gains)} |")
     return "\n".join(lines) + "\n"
@@ -129,7 +164,7 @@ def _keep_earlier(res: dict[str, Any], path: Path, seeds: list[int]) -> None:
     ):
         return
     res["seeds"] = sorted({*old.get("seeds", []), *seeds})
-    for key in ("stage1", "base_wall_time_s"):
+    for key in ("stage1", "base_fid", "base_wall_time_s"):
         res[key].update(old.get(key, {}))  # this call's seeds are rewritten as their base runs finish
     merged = {}
     for name in CANDIDATES:  # the candidates' own order
@@ -143,7 +178,8 @@ def _keep_earlier(res: dict[str, Any], path: Path, seeds: list[int]) -> None:
 
 
 def _total_wall_time(res: dict[str, Any]) -> float:
-    """Seconds of compute behind the table: every base run's stages plus every candidate's stage 3."""
+    """Seconds of compute behind the table: every base run's stages plus every candidate's own
+    (stage 3, and the sampling or stage 2 it redid)."""
     total = sum(sum(w.values()) for w in res["base_wall_time_s"].values())
     for per_seed in res["candidates"].values():
         total += sum(r.get("wall_time_s") or 0.0 for r in per_seed.values())
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m benchmarks.quality.stage3_sweep", *(argv or sys.argv[1:])]),
         "set": list(args.set),
         "stage1": {},
+        "base_fid": {},
         "candidates": {n: {} for n in names},
         # the compute the table stands for: each run's own stage times (a resumed or reused stage
         # keeps the time it took when it ran), not the wall clock of this call
@@ -202,19 +239,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] seed {s}: stage 1, stage 2, sampling", flush=True)
         rep = _run(args.preset, common, base, ["stage1", "stage2", "sample"], not args.no_progress)
         res["stage1"][str(s)] = rep["stage1"]["top1"]
+        if (rep.get("generation") or {}).get("fid") is not None:
+            res["base_fid"][str(s)] = rep["generation"]["fid"]
         res["base_wall_time_s"][str(s)] = rep.get("wall_time_s", {})
         for name in names:
             run_dir = out / f"s{s}_c{list(CANDIDATES).index(name)}"
-            link_parent(base, run_dir)
-            print(f"[sweep] seed {s}: stage 3 '{name}'", flush=True)
-            rep = _run(args.preset, [*common, *CANDIDATES[name]], run_dir, ["stage3"], not args.no_progress)
+            shared = reused_stages(CANDIDATES[name])
+            link_parent(base, run_dir, shared)
+            own = [st for st in (*_STAGES, "stage3") if st not in shared]
+            print(f"[sweep] seed {s}: {', '.join(own)} '{name}'", flush=True)
+            rep = _run(args.preset, [*common, *CANDIDATES[name]], run_dir, own, not args.no_progress)
             st = rep["stage3"]
+            times = rep.get("wall_time_s") or {}
             res["candidates"][name][str(s)] = {
                 "top1": st["top1"],
                 "gain": st["gain"],
                 "ci95": (st.get("gain_stats") or {}).get("ci95"),
                 "overrides": CANDIDATES[name],
-                "wall_time_s": (rep.get("wall_time_s") or {}).get("stage3"),
+                # a candidate that resamples has its own FID (None where the preset computes none)
+                "fid": (rep.get("generation") or {}).get("fid") if "sample" in own else None,
+                "stages_run": own,
+                "wall_time_s": sum(times.get(x) or 0.0 for x in own) or None,
                 "commit": res["commit"],
             }
             res["wall_time_s"] = _total_wall_time(res)
