@@ -66,6 +66,14 @@ CANDIDATES: dict[str, list[str]] = {
     "guidance 0.4": ["sample.guidance_scale=0.4"],
     "guidance 0 (no guidance)": ["sample.guidance_scale=0"],
     "guidance 2": ["sample.guidance_scale=2"],
+    # digits only (8x8 models): the generator that won recipe_search at equal wall clock
+    # (benchmarks/results/recipe_digits.md), retrained on the seed's stage-1 pseudo-labels
+    "digits: unet-tiny8 + min-SNR generator": ["stage2.model=unet-tiny8", "stage2.loss_weighting=min-snr"],
+    "digits: unet-tiny8 + min-SNR + lr 2e-3 generator": [
+        "stage2.model=unet-tiny8",
+        "stage2.loss_weighting=min-snr",
+        "stage2.lr=2e-3",
+    ],
 }
 
 _STAGES = ("stage1", "stage2", "sample")
