@@ -61,7 +61,9 @@ CANDIDATES: dict[str, list[str]] = {
     "pseudo share <= 0.5": ["stage3.max_pseudo_share=0.5"],
     "pseudo share <= 0.25": ["stage3.max_pseudo_share=0.25"],
     # the pseudo images themselves: guidance trades class fidelity for diversity (DPT samples
-    # ImageNet at 0.4; the small-image presets at 1.0, chosen by class fidelity, not by stage 3).
+    # ImageNet at 0.4 and CIFAR-10 unguided; digits samples at 1.0, chosen by class fidelity;
+    # fashion-mnist unguided since this sweep measured it, benchmarks/results/
+    # stage3_sweep_fashion-mnist.md, whose "preset" rows were measured at 1.0).
     # These resample from the seed's stage-2 model, then run the preset's stage 3.
     "guidance 0.4": ["sample.guidance_scale=0.4"],
     "guidance 0 (no guidance)": ["sample.guidance_scale=0"],
@@ -77,6 +79,7 @@ CANDIDATES: dict[str, list[str]] = {
         "stage2.loss_weighting=min-snr",
         "stage2.lr=2e-3",
     ],
+    "guidance 1.0": ["sample.guidance_scale=1"],
 }
 
 _STAGES = ("stage1", "stage2", "sample")
