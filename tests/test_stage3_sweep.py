@@ -14,11 +14,16 @@ TINY = [
 ]  # fmt: skip
 
 
+def _argv(out, results, *only: str) -> list[str]:
+    """A digits sweep of label seed 0 at the tiny scale, 100 held-out images, the named candidates."""
+    return ["--preset", "digits", "--holdout", "100", "--seeds", "0", "--out", str(out), "--results", str(results),
+            "--only", *only, "--no-progress", "--set", *TINY]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_sweep_shares_one_base_per_seed_and_never_reads_the_test_split(tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"
-    argv = ["--preset", "digits", "--holdout", "100", "--seeds", "0", "--out", str(out), "--results", str(results),
-            "--only", "preset", "no pseudo images (fine-tuning alone)", "--no-progress", "--set", *TINY]  # fmt: skip
+    argv = _argv(out, results, "preset", "no pseudo images (fine-tuning alone)")
     assert main(argv) == 0
     res = read_json(results / "stage3_sweep_digits.json")
     assert set(res["candidates"]) == {"preset", "no pseudo images (fine-tuning alone)"}
@@ -80,8 +85,7 @@ def test_reused_stages_follow_what_a_candidate_changes():
 @pytest.mark.slow
 def test_a_sampling_candidate_resamples_the_seeds_generator(tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"
-    argv = ["--preset", "digits", "--holdout", "100", "--seeds", "0", "--out", str(out), "--results", str(results),
-            "--only", "preset", "guidance 0.4", "--no-progress", "--set", *TINY]  # fmt: skip
+    argv = _argv(out, results, "preset", "guidance 0.4")
     assert main(argv) == 0
     run = out / f"s0_c{list(CANDIDATES).index('guidance 0.4')}"
     assert (run / "stage1").is_symlink() and (run / "stage2").is_symlink()
