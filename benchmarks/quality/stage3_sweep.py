@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         common = [f"data.holdout={args.holdout}", f"data.seed={s}", f"run.seed={s}", *args.set]
         base = out / f"s{s}_base"
         print(f"[sweep] seed {s}: stage 1, stage 2, sampling", flush=True)
-        rep = _run(args.preset, common, base, ["stage1", "stage2", "sample"], not args.no_progress)
+        rep = _run(args.preset, common, base, list(_STAGES), not args.no_progress)
         res["stage1"][str(s)] = rep["stage1"]["top1"]
         if (rep.get("generation") or {}).get("fid") is not None:
             res["base_fid"][str(s)] = rep["generation"]["fid"]
