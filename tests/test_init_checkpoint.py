@@ -112,3 +112,27 @@ def test_stage1_starts_from_the_weights(pretrained, tmp_path):
     )
     assert warm.summary["top1"] > scratch.summary["top1"] + 10
     assert warm.summary["top1"] > sup_top1 - 5
+
+
+def test_a_probe_checkpoint_that_does_not_fit_names_the_checkpoint_not_the_backbone(tmp_path):
+    cfg = resolve_config("digits", overrides=TINY)
+    sp = build_splits(cfg.data)
+    other = tmp_path / "other.pt"
+    torch.save(create_classifier("wrn-28-2", 10, 1, 8).state_dict(), other)
+    probe = ["stage1.learner=linear-probe", "stage1.backbone=cnn-small"]
+    good = tmp_path / "good.pt"
+    torch.save(create_classifier("cnn-small", 10, 1, 8).state_dict(), good)
+    check_classifier(
+        "stage1", resolve_config("digits", overrides=[*probe, f"stage1.probe_checkpoint={good}"]).stage1, sp
+    )
+    bad = resolve_config("digits", overrides=[*probe, f"stage1.probe_checkpoint={other}"]).stage1
+    with pytest.raises(
+        ConfigError, match=r"^stage1\.probe_checkpoint=.*does not fit stage1\.backbone='cnn-small'"
+    ):
+        check_classifier("stage1", bad, sp)
+    # a backbone that cannot be built is still reported as the backbone's fault
+    vit = resolve_config("digits", overrides=[*probe, "stage1.backbone=msn:vit_small_patch16"]).stage1
+    with pytest.raises(
+        ConfigError, match=r"^stage1\.backbone='msn:vit_small_patch16' cannot be built for 1-channel 8px"
+    ):
+        check_classifier("stage1", vit, sp)

@@ -297,17 +297,24 @@ def build_probe_backbone(
 ) -> nn.Module:
     """``pixels`` or a registry / ``timm:`` backbone, with ``checkpoint`` weights if given."""
     if name == "pixels":
-        if checkpoint:
-            raise ValueError("the 'pixels' backbone takes no probe_checkpoint")
-        return PixelFeatures(in_chans, image_size)
-    backbone = create_classifier(name, num_classes, in_chans, image_size)
-    if checkpoint and name.startswith("msn:"):  # MSN .pth.tar: target_encoder, exact key/shape checks
+        backbone: nn.Module = PixelFeatures(in_chans, image_size)
+    else:
+        backbone = create_classifier(name, num_classes, in_chans, image_size)
+    if checkpoint:
+        load_probe_weights(backbone, name, checkpoint)
+    return backbone
+
+
+def load_probe_weights(backbone: nn.Module, name: str, checkpoint: str) -> None:
+    """Load ``checkpoint`` into the probe's ``name`` backbone (built by :func:`build_probe_backbone`)."""
+    if name == "pixels":
+        raise ValueError("the 'pixels' backbone takes no probe_checkpoint")
+    if name.startswith("msn:"):  # MSN .pth.tar: target_encoder, exact key/shape checks
         from ..models.msn import load_msn_checkpoint
 
         load_msn_checkpoint(backbone, checkpoint)
-    elif checkpoint:
+    else:
         load_backbone_weights(backbone, checkpoint)
-    return backbone
 
 
 def fit_linear_probe(

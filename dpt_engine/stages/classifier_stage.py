@@ -95,14 +95,12 @@ def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None
     from ..config.base import ConfigError
     from ..models.checkpoints import CheckpointError
     from ..models.classifiers import create_classifier
-    from ..ssl.linear_probe import build_probe_backbone
+    from ..ssl.linear_probe import build_probe_backbone, load_probe_weights
 
     try:
         with torch.random.fork_rng(devices=[]):
             if cfg.learner == "linear-probe":
-                build_probe_backbone(
-                    cfg.backbone, sp.num_classes, sp.channels, sp.image_size, cfg.probe_checkpoint
-                )
+                backbone = build_probe_backbone(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
             else:
                 create_classifier(cfg.backbone, sp.num_classes, sp.channels, sp.image_size)
     except CheckpointError:
@@ -113,6 +111,16 @@ def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None
             f"{key}.backbone={cfg.backbone!r} cannot be built for {sp.channels}-channel {sp.image_size}px images "
             f"({first}); choose another {key}.backbone (or set data.image_size)"
         ) from None
+    if cfg.learner == "linear-probe" and cfg.probe_checkpoint:
+        # the backbone builds; weights that do not fit it are the checkpoint's fault, not the backbone's
+        try:
+            load_probe_weights(backbone, cfg.backbone, cfg.probe_checkpoint)
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ConfigError(
+                f"{key}.probe_checkpoint={cfg.probe_checkpoint!r} does not fit {key}.backbone={cfg.backbone!r} "
+                f"({first}); give weights saved from that backbone, or name the backbone they came from"
+            ) from None
     if cfg.init_checkpoint and cfg.learner != "linear-probe":
         try:
             initial_weights(cfg, sp, 0)
