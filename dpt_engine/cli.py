@@ -135,6 +135,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _discard_fresh_out(out: Path | None) -> None:
+    """The run directory this command created, removed again when bad input stopped the command
+    before anything but the log was written (best effort: the error message matters more)."""
+    if out is None:
+        return
+    from .pipeline import discard_unused_run_dir
+
+    try:
+        discard_unused_run_dir(out)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     set_process_defaults()
     from .data import DataError  # these load torch: after set_process_defaults
@@ -157,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:24s} data={d.get('name')} learner={s1.get('learner')} backbone={s1.get('backbone')}"
             )
         return 0
+    fresh_out: Path | None = (
+        None  # a run directory this command creates: removed again if bad input stops it empty
+    )
     try:
         cfg = resolve_config(args.preset, args.config, args.overrides)
         if getattr(args, "checkpoint", None):  # set directly: any path, no YAML parsing of the value
@@ -168,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         from .utils.dist import dist_info, shutdown_distributed
 
         out = Path(args.out or f"runs/{cfg.preset}")
+        fresh_out = out if not out.exists() else None
         progress = not args.no_progress
         try:
             if args.command == "run":
@@ -187,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed()
         return 0
     except (ConfigError, DataError, CheckpointError) as e:
+        _discard_fresh_out(fresh_out)
         print(f"dpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpt: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except OSError as e:  # missing upstream stage, unwritable or full disk, a file where a directory goes
+        _discard_fresh_out(fresh_out)
         print(f"dpt: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except UnicodeError as e:

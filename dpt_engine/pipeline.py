@@ -29,7 +29,7 @@ from .utils.dist import dist_info
 
 log = logging.getLogger("dpt_engine")
 
-__all__ = ["STAGES", "run_pipeline", "run_single_stage", "setup_run"]
+__all__ = ["STAGES", "discard_unused_run_dir", "run_pipeline", "run_single_stage", "setup_run"]
 
 STAGES = ("stage1", "stage2", "sample", "stage3")
 
@@ -59,6 +59,26 @@ def _setup_logging(out: Path) -> None:
     fh.setFormatter(fmt)
     fh._dpt_run = True  # type: ignore[attr-defined]
     root.addHandler(fh)
+
+
+def discard_unused_run_dir(out: Path) -> bool:
+    """Remove ``out`` if this process created it and nothing but its log was written there (a
+    command that failed on bad input before any stage started leaves no empty run directory
+    behind). Only in a single-process run: under a launcher other ranks may still be writing."""
+    if dist_info().world_size > 1 or not out.is_dir():
+        return False
+    entries = list(out.iterdir())
+    if any(not (p.is_file() and p.name.startswith("log") and p.suffix == ".txt") for p in entries):
+        return False
+    root = logging.getLogger("dpt_engine")
+    for h in list(root.handlers):
+        if getattr(h, "_dpt_run", False):
+            root.removeHandler(h)
+            h.close()
+    for p in entries:
+        p.unlink()
+    out.rmdir()
+    return True
 
 
 def _check_environment(device: torch.device) -> None:

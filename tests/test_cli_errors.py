@@ -75,6 +75,32 @@ def test_missing_upstream_stage(command, expect, tmp_path, capsys):
     rc, err = _run([command, "--preset", "digits", "--out", str(tmp_path / "fresh"), "--no-progress"], capsys)
     assert rc == 2, err
     assert expect in _one_error_line(err)
+    assert not (tmp_path / "fresh").exists()  # the run directory it created held only the log: removed
+    # a directory that was there before keeps what it had, and the log of this attempt
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    rc, err = _run([command, "--preset", "digits", "--out", str(kept), "--no-progress"], capsys)
+    assert rc == 2 and expect in _one_error_line(err)
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / "log.txt").is_file()
+
+
+def test_a_stage_precheck_failing_in_a_new_directory_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "new"
+    rc, err = _run(
+        [
+            "run",
+            "--preset",
+            "digits",
+            "--out",
+            str(out),
+            "--no-progress",
+            "stage1.backbone=msn:vit_small_patch16",
+        ],
+        capsys,
+    )
+    assert rc == 2 and "stage1.backbone='msn:vit_small_patch16' cannot be built" in _one_error_line(err)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
