@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     # Fashion-MNIST from Debian's dataset-fashion-mnist package, 4 labels per class: the whole DPT
-    # pipeline in ~40 minutes on a 2-core CPU (README "Fashion-MNIST"). Stage 2 is the recipe that
+    # pipeline in ~30-33 minutes on a 2-core Intel Xeon (README "Fashion-MNIST"). Stage 2 is the recipe that
     # won benchmarks/quality/recipe_search.py at equal wall clock (benchmarks/results/
     # recipe_fashion_mnist.md: oracle class fidelity 88.0% after 6 minutes, against 10.0% for
     # uvit-tiny28): a small convolutional U-Net, Min-SNR-5 loss weighting, lr 2e-3, bf16 autocast.
