@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:24s} data={d.get('name')} learner={s1.get('learner')} backbone={s1.get('backbone')}"
             )
         return 0
-    fresh_out: Path | None = (
-        None  # a run directory this command creates: removed again if bad input stops it empty
-    )
+    # a run directory this command creates: removed again if bad input stops it with only its log
+    fresh_out: Path | None = None
     try:
         cfg = resolve_config(args.preset, args.config, args.overrides)
         if getattr(args, "checkpoint", None):  # set directly: any path, no YAML parsing of the value
