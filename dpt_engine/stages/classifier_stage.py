@@ -4,6 +4,7 @@ predictions that stage 3's paired gain is computed from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,29 @@ def check_classifier(key: str, cfg: ClassifierConfig, sp: DatasetSplits) -> None
         ) from None
     if cfg.learner == "linear-probe" and cfg.probe_checkpoint:
         # the backbone builds; weights that do not fit it are the checkpoint's fault, not the backbone's
-        try:
-            load_probe_weights(backbone, cfg.backbone, cfg.probe_checkpoint)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ConfigError(
-                f"{key}.probe_checkpoint={cfg.probe_checkpoint!r} does not fit {key}.backbone={cfg.backbone!r} "
-                f"({first}); give weights saved from that backbone, or name the backbone they came from"
-            ) from None
+        _weights_must_load(
+            lambda: load_probe_weights(backbone, cfg.backbone, cfg.probe_checkpoint),
+            f"{key}.probe_checkpoint={cfg.probe_checkpoint!r} does not fit {key}.backbone={cfg.backbone!r}",
+            "give weights saved from that backbone, or name the backbone they came from",
+        )
     if cfg.init_checkpoint and cfg.learner != "linear-probe":
-        try:
-            initial_weights(cfg, sp, 0)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ConfigError(
-                f"{key}.init_checkpoint={cfg.init_checkpoint!r} cannot start {key}.backbone={cfg.backbone!r} "
-                f"({first}); give backbone weights saved from the same {key}.backbone"
-            ) from None
+        _weights_must_load(
+            lambda: initial_weights(cfg, sp, 0),
+            f"{key}.init_checkpoint={cfg.init_checkpoint!r} cannot start {key}.backbone={cfg.backbone!r}",
+            f"give backbone weights saved from the same {key}.backbone",
+        )
+
+
+def _weights_must_load(load: Callable[[], Any], problem: str, fix: str) -> None:
+    """Run ``load``; unusable weights become one ConfigError line: the problem, the loader's first
+    line, the fix."""
+    from ..config.base import ConfigError
+
+    try:
+        load()
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:  # CheckpointError is a ValueError
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{problem} ({first}); {fix}") from None
 
 
 def save_test_predictions(
