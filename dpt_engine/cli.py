@@ -135,15 +135,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _discard_fresh_out(out: Path | None) -> None:
+def _first_missing_folder(out: Path) -> Path | None:
+    """The topmost folder on the way to ``out`` that does not exist yet (``out`` itself when only
+    it is missing; None when ``out`` exists): what creating the run directory would add."""
+    if out.exists():
+        return None
+    top = out
+    for parent in out.parents:
+        if parent.exists():
+            break
+        top = parent
+    return top
+
+
+def _discard_fresh_out(out: Path, top: Path | None) -> None:
     """The run directory this command created, removed again when bad input stopped the command
-    before anything but the log was written (best effort: the error message matters more)."""
-    if out is None:
+    before anything but the log was written, and with it the empty folders created on the way
+    (up to ``top``; best effort: the error message matters more)."""
+    if top is None:
         return
     from .pipeline import discard_unused_run_dir
 
     try:
-        discard_unused_run_dir(out)
+        if not discard_unused_run_dir(out):
+            return
+        folder = out
+        while folder != top:
+            folder = folder.parent
+            folder.rmdir()  # empty ones only: anything written there meanwhile stays
     except OSError:
         pass
 
@@ -171,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     # a run directory this command creates: removed again if bad input stops it with only its log
-    fresh_out: Path | None = None
+    out: Path = Path(".")
+    fresh_top: Path | None = None
     try:
         cfg = resolve_config(args.preset, args.config, args.overrides)
         if getattr(args, "checkpoint", None):  # set directly: any path, no YAML parsing of the value
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         from .utils.dist import dist_info, shutdown_distributed
 
         out = Path(args.out or f"runs/{cfg.preset}")
-        fresh_out = out if not out.exists() else None
+        fresh_top = _first_missing_folder(out)
         progress = not args.no_progress
         try:
             if args.command == "run":
@@ -203,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed()
         return 0
     except (ConfigError, DataError, CheckpointError) as e:
-        _discard_fresh_out(fresh_out)
+        _discard_fresh_out(out, fresh_top)
         print(f"dpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpt: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except OSError as e:  # missing upstream stage, unwritable or full disk, a file where a directory goes
-        _discard_fresh_out(fresh_out)
+        _discard_fresh_out(out, fresh_top)
         print(f"dpt: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except UnicodeError as e:

@@ -76,6 +76,12 @@ def test_missing_upstream_stage(command, expect, tmp_path, capsys):
     assert rc == 2, err
     assert expect in _one_error_line(err)
     assert not (tmp_path / "fresh").exists()  # the run directory it created held only the log: removed
+    # and the folders it created on the way go with it; folders that were there stay
+    (tmp_path / "had").mkdir()
+    nested = tmp_path / "had" / "new" / "deeper" / "fresh"
+    rc, err = _run([command, "--preset", "digits", "--out", str(nested), "--no-progress"], capsys)
+    assert rc == 2 and expect in _one_error_line(err)
+    assert (tmp_path / "had").is_dir() and not (tmp_path / "had" / "new").exists()
     # a directory that was there before keeps what it had, and the log of this attempt
     kept = tmp_path / "kept"
     kept.mkdir()
