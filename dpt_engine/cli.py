@@ -157,12 +157,7 @@ def _discard_fresh_out(out: Path, top: Path | None) -> None:
     from .pipeline import discard_unused_run_dir
 
     try:
-        if not discard_unused_run_dir(out):
-            return
-        folder = out
-        while folder != top:
-            folder = folder.parent
-            folder.rmdir()  # empty ones only: anything written there meanwhile stays
+        discard_unused_run_dir(out, created_top=top)
     except OSError:
         pass
 

@@ -61,10 +61,12 @@ def _setup_logging(out: Path) -> None:
     root.addHandler(fh)
 
 
-def discard_unused_run_dir(out: Path) -> bool:
+def discard_unused_run_dir(out: Path, created_top: Path | None = None) -> bool:
     """Remove ``out`` if this process created it and nothing but its log was written there (a
     command that failed on bad input before any stage started leaves no empty run directory
-    behind). Only in a single-process run: under a launcher other ranks may still be writing."""
+    behind), and the folders above it up to ``created_top`` (the topmost one this process
+    created) while they are empty. Only in a single-process run: under a launcher other ranks
+    may still be writing."""
     if dist_info().world_size > 1 or not out.is_dir():
         return False
     entries = list(out.iterdir())
@@ -78,6 +80,10 @@ def discard_unused_run_dir(out: Path) -> bool:
     for p in entries:
         p.unlink()
     out.rmdir()
+    folder = out
+    while created_top is not None and folder != created_top:
+        folder = folder.parent
+        folder.rmdir()  # empty ones only: anything written there meanwhile stays (OSError)
     return True
 
 
