@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 from benchmarks.quality.diagnose import main as diagnose_main
+from benchmarks.quality.diagnose import merge_earlier
 from benchmarks.quality.run_quality import aggregate, main, plan_runs
 from dpt_engine.utils.io import read_json
 
@@ -40,6 +41,34 @@ def test_aggregate_means_and_sample_std_over_seeds():
     assert s1["std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
     assert agg["by_labels_per_class"][2]["stage3_gain"]["std"] is None  # one value: no std
     assert agg["reference_fid"] == {"true": 12.5}
+
+
+def test_diagnosis_keeps_earlier_runs_measured_with_the_same_oracle():
+    oracle = {"backbone": "cnn-small", "dataset": "fashion-mnist", "num_train": 60000, "steps": 1000}
+    oracle = {**oracle, "batch_size": 128, "test_top1": 88.04}
+    earlier = {
+        "oracle": {**oracle, "test_top1": 88.0},
+        "runs": [
+            {"run": "k1_s0", "v": "old"},
+            {"run": "k2_s0", "v": "old"},
+            {"run": "true_labels", "v": "old"},
+        ],
+        "checkpoint_sweep": [{"run": "k1_s0", "step": 5}, {"run": "k2_s0", "step": 5}],
+    }
+    new = [{"run": "k2_s0", "v": "new"}, {"run": "k10_s1", "v": "new"}, {"run": "k2_s2", "v": "new"}]
+    recs, sweep, note = merge_earlier(earlier, oracle, new, [{"run": "k2_s0", "step": 9}])
+    # a run diagnosed here replaces its earlier record; the others stay, in run order
+    assert [(r["run"], r["v"]) for r in recs] == [
+        ("k1_s0", "old"), ("k2_s0", "new"), ("k2_s2", "new"), ("k10_s1", "new"), ("true_labels", "old"),
+    ]  # fmt: skip
+    assert sweep == [{"run": "k1_s0", "step": 5}, {"run": "k2_s0", "step": 9}]
+    assert "k1_s0" in note and "true_labels" in note
+    # another oracle (more steps, or a test top-1 off by more than 0.1): earlier records are left out, said so
+    for other in ({**oracle, "steps": 2000}, {**oracle, "test_top1": 87.8}):
+        recs, sweep, note = merge_earlier({**earlier, "oracle": other}, oracle, new, [])
+        assert [r["run"] for r in recs] == ["k2_s0", "k2_s2", "k10_s1"] and sweep == []
+        assert "left out" in note and "k1_s0" in note
+    assert merge_earlier(None, oracle, new, [])[2] is None
 
 
 @pytest.mark.slow

@@ -28,7 +28,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-__all__ = ["build_parser", "diagnose_run", "main", "train_oracle"]
+__all__ = ["build_parser", "diagnose_run", "main", "merge_earlier", "train_oracle"]
+
+# what must match for an earlier sitting's diagnosis to share a table with this one's
+_ORACLE_KEYS = ("backbone", "dataset", "num_train", "steps", "batch_size")
 
 
 def _per_class_acc(pred: np.ndarray, true: np.ndarray, num_classes: int) -> list[float]:
@@ -162,6 +165,47 @@ def checkpoint_sweep(
         print(f"[diagnose] {run_dir.name} stage-2 step {step}: class fidelity {fid:.1f}%", flush=True)
         rows.append({"run": run_dir.name, "step": step, "num_images": len(images), "class_fidelity": fid})
     return rows
+
+
+def _run_order(name: str) -> tuple[int, int, int, str]:
+    """k1_s0 < k1_s2 < k2_s0 < ... < the references (by name)."""
+    import re
+
+    m = re.fullmatch(r"k(\d+)_s(\d+)", name)
+    return (0, int(m.group(1)), int(m.group(2)), "") if m else (1, 0, 0, name)
+
+
+def merge_earlier(
+    earlier: dict[str, Any] | None,
+    oracle: dict[str, Any],
+    recs: list[dict[str, Any]],
+    sweep: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Keep the committed diagnosis of runs whose directories are not here (an earlier sitting on
+    another machine): the diagnosis, like the benchmark, describes every finished run, and a
+    fresh checkout must not drop what it cannot recompute. Records diagnosed here replace the
+    earlier ones of the same run. Earlier records join only when they were measured with the same
+    oracle recipe and its test top-1 agrees to 0.1 points; otherwise they are left out and the
+    returned note says why."""
+    if not earlier or not earlier.get("runs"):
+        return sorted(recs, key=lambda r: _run_order(r["run"])), sweep, None
+    old = earlier.get("oracle", {})
+    same = (
+        all(old.get(k) == oracle.get(k) for k in _ORACLE_KEYS)
+        and abs(float(old.get("test_top1", float("nan"))) - float(oracle["test_top1"])) <= 0.1
+    )
+    here = {r["run"] for r in recs}
+    kept = [r for r in earlier["runs"] if r["run"] not in here]
+    if not same:
+        note = (
+            f"earlier diagnosis of {', '.join(r['run'] for r in kept) or 'no other run'} left out: its oracle "
+            f"({', '.join(f'{k}={old.get(k)}' for k in (*_ORACLE_KEYS, 'test_top1'))}) differs from this one"
+        )
+        return sorted(recs, key=lambda r: _run_order(r["run"])), sweep, note
+    swept = {r["run"] for r in sweep}
+    old_sweep = [r for r in earlier.get("checkpoint_sweep", []) if r["run"] not in swept]
+    note = f"kept the earlier diagnosis of {', '.join(r['run'] for r in kept)}" if kept else None
+    return sorted(recs + kept, key=lambda r: _run_order(r["run"])), old_sweep + sweep, note
 
 
 def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
@@ -306,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sweep:
         sweep += checkpoint_sweep(out / name, oracle, out / "diagnosis", args.sweep_per_class)
     results.mkdir(parents=True, exist_ok=True)
+    earlier_path = results / f"{args.name}.json"
+    earlier = None
+    if earlier_path.is_file():
+        from dpt_engine.utils.io import read_json
+
+        earlier = read_json(earlier_path)
+    recs, sweep, note = merge_earlier(earlier, oracle_info, recs, sweep)
+    if note:
+        print(f"[diagnose] {note}", flush=True)
     atomic_write_json(
         results / f"{args.name}.json", {"oracle": oracle_info, "runs": recs, "checkpoint_sweep": sweep}
     )
