@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.quality.diagnose import main as diagnose_main
 from benchmarks.quality.diagnose import merge_earlier
-from benchmarks.quality.run_quality import aggregate, main, plan_runs
+from benchmarks.quality.run_quality import _machines, aggregate, main, plan_runs
 from dpt_engine.utils.io import read_json
 
 
@@ -41,6 +41,14 @@ def test_aggregate_means_and_sample_std_over_seeds():
     assert s1["std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
     assert agg["by_labels_per_class"][2]["stage3_gain"]["std"] is None  # one value: no std
     assert agg["reference_fid"] == {"true": 12.5}
+
+
+def test_header_names_every_machine_the_runs_ran_on():
+    recs = [{"device": "Intel Xeon (2 threads)"}] * 3 + [{"device": "AMD EPYC (2 threads)"}, {}]
+    assert _machines(recs, "AMD EPYC (2 threads)") == (
+        "Intel Xeon (2 threads): 3 runs; AMD EPYC (2 threads): 1 run; machine not recorded: 1"
+    )
+    assert _machines([{}], "this one") == "this one"
 
 
 def test_diagnosis_keeps_earlier_runs_measured_with_the_same_oracle():
@@ -175,6 +183,10 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     import shutil
 
     rec = read_json(results / "quality_fashion_mnist_runs" / "k1_s0.json")
+    assert (
+        rec["device"].endswith(f"({rec['threads']} threads)")
+        and rec["device"] in (results / "quality_fashion_mnist.md").read_text()
+    )
     assert rec["threads"] >= 1 and set(rec["wall_time_s"]) == {"stage1", "stage2", "sample", "stage3"}
     assert not any("fid_cache" in o for o in rec["overrides"])
     shutil.rmtree(tmp_path / "runs")

@@ -173,10 +173,11 @@ def _record(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """One results row: the run's identity, its config overrides and its report's metrics, the wall
-    time of each stage, the torch threads it ran with and the commit of the code that wrote it."""
+    time of each stage, the machine and torch threads it ran with and the commit of the code that
+    wrote it (a benchmark spanning sittings may run on different machines)."""
     import torch
 
-    from ..harness import commit_hash
+    from ..harness import commit_hash, device_name
 
     return {
         "name": run["name"],
@@ -191,6 +192,7 @@ def _record(
         "wall_time_s": report["wall_time_s"],
         "wall_time_this_call_s": seconds,
         "threads": threads if threads is not None else torch.get_num_threads(),
+        "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
         "commit": commit_hash(),
     }
 
@@ -367,8 +369,8 @@ def _per_run_table(records: list[dict[str, Any]]) -> list[str]:
         "Per run (gain with its paired 95% interval over the test images; wall time of the four stages):",
         "",
         "| run | stage-1 top-1 (%) | FID | stage-3 top-1 (%) | gain (points) | without pseudo images (%) "
-        "| wall time (min) | threads | commit |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| wall time (min) | threads | machine | commit |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in sorted(rows, key=lambda r: (r["labels_per_class"], r["seed"])):
         m = r["metrics"]
@@ -390,10 +392,28 @@ def _per_run_table(records: list[dict[str, Any]]) -> list[str]:
         wall = sum(r["wall_time_s"].values()) / 60
         out.append(
             f"| {r['name']} | {f('stage1.top1')} | {f('generation.fid')} | {f('stage3.top1')} | {gain} "
-            f"| {no_pseudo} | {wall:.1f} | {r.get('threads', '-')} | {r.get('commit', '-')} |"
+            f"| {no_pseudo} | {wall:.1f} | {r.get('threads', '-')} | {_cpu(r.get('device'))} | {r.get('commit', '-')} |"
         )
     notes = [f"- {r['name']}: {r['note']}" for r in sorted(rows, key=lambda r: r["name"]) if r.get("note")]
     return out + (["", "Notes on single runs:", "", *notes] if notes else [])
+
+
+def _cpu(device: str | None) -> str:
+    """The machine without the thread count (a column of its own)."""
+    return "-" if not device else device.split(" (")[0]
+
+
+def _machines(records: list[dict[str, Any]], fallback: str) -> str:
+    """Which machines the runs ran on, with how many runs each (records older than the device field
+    count under none): a benchmark resumed on another machine must not be credited to the last one."""
+    from collections import Counter
+
+    seen = Counter(r["device"] for r in records if r.get("device"))
+    if not seen:
+        return fallback
+    parts = [f"{d}: {n} run{'s' * (n != 1)}" for d, n in seen.most_common()]
+    unknown = sum(1 for r in records if not r.get("device"))
+    return "; ".join(parts + ([f"machine not recorded: {unknown}"] if unknown else []))
 
 
 def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -406,8 +426,9 @@ def markdown(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"# Quality benchmark: DPT on {dataset}",
         "",
-        f"Scale `{meta['scale']}`, preset `{meta['preset']}`, {meta['device']}, commit {meta['commit']}, "
-        f"total wall time of the runs {meta['total_wall_time_s'] / 3600:.2f} h.",
+        f"Scale `{meta['scale']}`, preset `{meta['preset']}`, "
+        f"{_machines(meta.get('records', []), meta['device'])} (runs and their ablations), tables built "
+        f"by commit {meta['commit']}, total wall time of the runs {meta['total_wall_time_s'] / 3600:.2f} h.",
         "",
     ]
     if not meta.get("complete", True):
