@@ -51,31 +51,35 @@ def test_header_names_every_machine_the_runs_ran_on():
     assert _machines([{}], "this one") == "this one"
 
 
-def test_diagnosis_keeps_earlier_runs_measured_with_the_same_oracle():
+def test_diagnosis_keeps_earlier_runs_and_names_the_oracle_of_each():
     oracle = {"backbone": "cnn-small", "dataset": "fashion-mnist", "num_train": 60000, "steps": 1000}
-    oracle = {**oracle, "batch_size": 128, "test_top1": 88.04}
+    oracle = {**oracle, "batch_size": 128, "test_top1": 88.3}
     earlier = {
-        "oracle": {**oracle, "test_top1": 88.0},
+        "oracle": {**oracle, "test_top1": 88.0},  # the same recipe trained on another machine
         "runs": [
             {"run": "k1_s0", "v": "old"},
             {"run": "k2_s0", "v": "old"},
-            {"run": "true_labels", "v": "old"},
+            {"run": "true_labels", "v": "old", "oracle_test_top1": 87.5},
         ],
         "checkpoint_sweep": [{"run": "k1_s0", "step": 5}, {"run": "k2_s0", "step": 5}],
     }
     new = [{"run": "k2_s0", "v": "new"}, {"run": "k10_s1", "v": "new"}, {"run": "k2_s2", "v": "new"}]
     recs, sweep, note = merge_earlier(earlier, oracle, new, [{"run": "k2_s0", "step": 9}])
-    # a run diagnosed here replaces its earlier record; the others stay, in run order
-    assert [(r["run"], r["v"]) for r in recs] == [
-        ("k1_s0", "old"), ("k2_s0", "new"), ("k2_s2", "new"), ("k10_s1", "new"), ("true_labels", "old"),
-    ]  # fmt: skip
+    # a run diagnosed here replaces its earlier record; the others stay, in run order, each with
+    # the top-1 of the oracle that measured it
+    assert [(r["run"], r["v"], r["oracle_test_top1"]) for r in recs] == [
+        ("k1_s0", "old", 88.0),
+        ("k2_s0", "new", 88.3),
+        ("k2_s2", "new", 88.3),
+        ("k10_s1", "new", 88.3),
+        ("true_labels", "old", 87.5),
+    ]
     assert sweep == [{"run": "k1_s0", "step": 5}, {"run": "k2_s0", "step": 9}]
     assert "k1_s0" in note and "true_labels" in note
-    # another oracle (more steps, or a test top-1 off by more than 0.1): earlier records are left out, said so
-    for other in ({**oracle, "steps": 2000}, {**oracle, "test_top1": 87.8}):
-        recs, sweep, note = merge_earlier({**earlier, "oracle": other}, oracle, new, [])
-        assert [r["run"] for r in recs] == ["k2_s0", "k2_s2", "k10_s1"] and sweep == []
-        assert "left out" in note and "k1_s0" in note
+    # another oracle recipe: earlier records are left out, and the note says so
+    recs, sweep, note = merge_earlier({**earlier, "oracle": {**oracle, "steps": 2000}}, oracle, new, [])
+    assert [r["run"] for r in recs] == ["k2_s0", "k2_s2", "k10_s1"] and sweep == []
+    assert "left out" in note and "k1_s0" in note
     assert merge_earlier(None, oracle, new, [])[2] is None
 
 

@@ -181,31 +181,33 @@ def merge_earlier(
     recs: list[dict[str, Any]],
     sweep: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """Keep the committed diagnosis of runs whose directories are not here (an earlier sitting on
-    another machine): the diagnosis, like the benchmark, describes every finished run, and a
-    fresh checkout must not drop what it cannot recompute. Records diagnosed here replace the
-    earlier ones of the same run. Earlier records join only when they were measured with the same
-    oracle recipe and its test top-1 agrees to 0.1 points; otherwise they are left out and the
-    returned note says why."""
+    """Keep the committed diagnosis of runs whose directories are not here (an earlier sitting,
+    maybe on another machine): the diagnosis, like the benchmark, describes every finished run, and
+    a fresh checkout must not drop what it cannot recompute. Records diagnosed here replace the
+    earlier ones of the same run. Every record names the test top-1 of the oracle that measured it
+    (``oracle_test_top1``): the same oracle recipe trained on another CPU lands a few tenths of a
+    point apart. Earlier records of another oracle *recipe* (backbone, steps, ...) are left out, and
+    the returned note says so."""
+    here = [{**r, "oracle_test_top1": r.get("oracle_test_top1", oracle["test_top1"])} for r in recs]
     if not earlier or not earlier.get("runs"):
-        return sorted(recs, key=lambda r: _run_order(r["run"])), sweep, None
+        return sorted(here, key=lambda r: _run_order(r["run"])), sweep, None
     old = earlier.get("oracle", {})
-    same = (
-        all(old.get(k) == oracle.get(k) for k in _ORACLE_KEYS)
-        and abs(float(old.get("test_top1", float("nan"))) - float(oracle["test_top1"])) <= 0.1
-    )
-    here = {r["run"] for r in recs}
-    kept = [r for r in earlier["runs"] if r["run"] not in here]
-    if not same:
+    names = {r["run"] for r in here}
+    kept = [
+        {**r, "oracle_test_top1": r.get("oracle_test_top1", old.get("test_top1"))}
+        for r in earlier["runs"]
+        if r["run"] not in names
+    ]
+    if not all(old.get(k) == oracle.get(k) for k in _ORACLE_KEYS):
         note = (
             f"earlier diagnosis of {', '.join(r['run'] for r in kept) or 'no other run'} left out: its oracle "
-            f"({', '.join(f'{k}={old.get(k)}' for k in (*_ORACLE_KEYS, 'test_top1'))}) differs from this one"
+            f"recipe ({', '.join(f'{k}={old.get(k)}' for k in _ORACLE_KEYS)}) differs from this one"
         )
-        return sorted(recs, key=lambda r: _run_order(r["run"])), sweep, note
+        return sorted(here, key=lambda r: _run_order(r["run"])), sweep, note
     swept = {r["run"] for r in sweep}
     old_sweep = [r for r in earlier.get("checkpoint_sweep", []) if r["run"] not in swept]
     note = f"kept the earlier diagnosis of {', '.join(r['run'] for r in kept)}" if kept else None
-    return sorted(recs + kept, key=lambda r: _run_order(r["run"])), old_sweep + sweep, note
+    return sorted(here + kept, key=lambda r: _run_order(r["run"])), old_sweep + sweep, note
 
 
 def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
@@ -213,11 +215,15 @@ def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
         "# Quality benchmark diagnosis: what stage 3 is trained on",
         "",
         f"Oracle: {oracle['backbone']} trained on all {oracle['num_train']:,} true {oracle['dataset']} labels "
-        f"({oracle['steps']} steps at batch {oracle['batch_size']}), test top-1 {oracle['test_top1']:.1f}%.",
+        f"({oracle['steps']} steps at batch {oracle['batch_size']}), test top-1 {oracle['test_top1']:.1f}%"
+        + (f" on {oracle['device']}" if oracle.get("device") else "")
+        + ". Each row names the test top-1 of the oracle that measured it: runs diagnosed in an earlier "
+        "sitting keep that sitting's oracle (the same recipe on another CPU lands a few tenths apart).",
         "",
         "| run | generated | class fidelity (oracle, %) | stage-1 agrees with label (%) "
-        "| off-class images stage 1 also calls the intended class (%) | stage-1 top-1 | stage-3 top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| off-class images stage 1 also calls the intended class (%) | stage-1 top-1 | stage-3 top-1 "
+        "| oracle top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(x: Any) -> str:
@@ -227,7 +233,7 @@ def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['run']} | {r['num_generated']} | {f(r['class_fidelity'])} | {f(r.get('stage1_agrees_with_label'))} "
             f"| {f(r.get('off_class_that_stage1_calls_intended'))} | {f(r.get('stage1_test_top1'))} "
-            f"| {f(r.get('stage3_test_top1'))} |"
+            f"| {f(r.get('stage3_test_top1'))} | {f(r.get('oracle_test_top1'))} |"
         )
     per = [r for r in recs if "stage3_test_per_class" in r]
     if per:
@@ -342,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             f"no finished runs with generated images under '{out}': run benchmarks.quality.run_quality first"
         )
     oracle, oracle_info = train_oracle(out, args.preset, args.oracle_steps, not args.no_progress)
+    from ..harness import device_name
+
+    oracle_info["device"] = device_name("cpu")
     recs = []
     for d in runs:
         print(f"[diagnose] {d.name}", flush=True)
