@@ -170,9 +170,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def device_name(device: torch.device | str = "cpu") -> str:
+def device_name(device: torch.device | str | None = None) -> str:
     """A human-readable name of ``device``: the GPU's name, or the CPU model with the number of
-    threads torch uses (e.g. ``'AMD EPYC (2 threads)'``)."""
+    threads torch uses (e.g. ``'AMD EPYC (2 threads)'``). ``None``: the device a run of the
+    pipeline computes on here (the GPU where there is one, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

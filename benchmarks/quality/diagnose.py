@@ -188,9 +188,13 @@ def merge_earlier(
     (``oracle_test_top1``): the same oracle recipe trained on another CPU lands a few tenths of a
     point apart. Earlier records of another oracle *recipe* (backbone, steps, ...) are left out, and
     the returned note says so."""
+
+    def ordered(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(rs, key=lambda r: _run_order(r["run"]))
+
     here = [{**r, "oracle_test_top1": r.get("oracle_test_top1", oracle["test_top1"])} for r in recs]
     if not earlier or not earlier.get("runs"):
-        return sorted(here, key=lambda r: _run_order(r["run"])), sweep, None
+        return ordered(here), sweep, None
     old = earlier.get("oracle", {})
     names = {r["run"] for r in here}
     kept = [
@@ -203,11 +207,11 @@ def merge_earlier(
             f"earlier diagnosis of {', '.join(r['run'] for r in kept) or 'no other run'} left out: its oracle "
             f"recipe ({', '.join(f'{k}={old.get(k)}' for k in _ORACLE_KEYS)}) differs from this one"
         )
-        return sorted(here, key=lambda r: _run_order(r["run"])), sweep, note
+        return ordered(here), sweep, note
     swept = {r["run"] for r in sweep}
     old_sweep = [r for r in earlier.get("checkpoint_sweep", []) if r["run"] not in swept]
     note = f"kept the earlier diagnosis of {', '.join(r['run'] for r in kept)}" if kept else None
-    return sorted(here + kept, key=lambda r: _run_order(r["run"])), old_sweep + sweep, note
+    return ordered(here + kept), old_sweep + sweep, note
 
 
 def markdown(oracle: dict[str, Any], recs: list[dict[str, Any]]) -> str:

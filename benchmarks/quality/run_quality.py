@@ -192,7 +192,7 @@ def _record(
         "wall_time_s": report["wall_time_s"],
         "wall_time_this_call_s": seconds,
         "threads": threads if threads is not None else torch.get_num_threads(),
-        "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
+        "device": device_name(),
         "commit": commit_hash(),
     }
 
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
-    device = device_name("cuda") if torch.cuda.is_available() else device_name("cpu")
+    device = device_name()
     command = " ".join(["python -m benchmarks.quality.run_quality", *(argv or sys.argv[1:])])
     done: dict[int, dict[str, Any]] = {}
     failed: list[str] = []

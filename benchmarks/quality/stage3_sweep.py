@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpt_engine.cli import set_process_defaults
 
-    set_process_defaults()
-    import torch
-
+    set_process_defaults()  # before torch loads (the imports below load it)
     from dpt_engine.utils.io import atomic_write_json, atomic_write_text
 
     from ..harness import commit_hash, device_name
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdout": args.holdout,
         "seeds": args.seeds,
         "commit": commit_hash(),
-        "device": device_name("cuda") if torch.cuda.is_available() else device_name("cpu"),
+        "device": device_name(),
         "command": " ".join(["python -m benchmarks.quality.stage3_sweep", *(argv or sys.argv[1:])]),
         "set": list(args.set),
         "stage1": {},
