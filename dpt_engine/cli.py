@@ -282,6 +282,14 @@ def _print_summary(report: dict, out: Path) -> None:
     )
 
 
+def console_main() -> None:
+    """The ``dpt`` command and ``python -m dpt_engine.cli``: :func:`main`, then the process exit
+    that a multi-process run needs (:func:`dpt_engine.utils.dist.exit_process`)."""
+    from .utils.dist import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
     logging.basicConfig()
-    sys.exit(main())
+    console_main()

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..config.schema import DiffusionConfig
 from ..kernels import ema_update_
-from ..utils.dist import DistInfo, dist_info, free_port, init_distributed
+from ..utils.dist import DistInfo, dist_info, free_port, init_distributed, shutdown_distributed
 from ..utils.precision import resolve_precision
 
 log = logging.getLogger("dpt_engine")
@@ -71,11 +71,6 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def setup_process_group(backend: str, device: torch.device) -> DistInfo:
     """Join the launcher's process group for a distributed ``backend`` (a world of one if unlaunched).
 
@@ -95,7 +90,7 @@ def setup_process_group(backend: str, device: torch.device) -> DistInfo:
         return info
     # Leave the group cleanly at exit: a process that ends with a live group (DeepSpeed's comm
     # threads in particular) can abort in its C++ destructors ("terminate called ...", exit -6).
-    atexit.register(_destroy_process_group)
+    atexit.register(shutdown_distributed)
     pg_backend = "nccl" if device.type == "cuda" else "gloo"
     if info.world_size > 1:
         return init_distributed(pg_backend)
