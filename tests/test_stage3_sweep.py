@@ -85,15 +85,17 @@ def test_reused_stages_follow_what_a_candidate_changes():
 @pytest.mark.slow
 def test_a_sampling_candidate_resamples_the_seeds_generator(tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"
-    argv = _argv(out, results, "preset", "guidance 0.4")
+    argv = [*_argv(out, results, "preset", "guidance 0.4"), "--name", "sweep_named"]
     assert main(argv) == 0
+    assert not (results / "stage3_sweep_digits.json").exists()  # --name: its own results files
+    assert (results / "sweep_named.md").is_file()
     run = out / f"s0_c{list(CANDIDATES).index('guidance 0.4')}"
     assert (run / "stage1").is_symlink() and (run / "stage2").is_symlink()
     assert (run / "sample").is_dir() and not (run / "sample").is_symlink()
     assert read_json(run / "sample" / "done.json")  # sampled here, from the base's generator
     cfg = (run / "config.yaml").read_text()
     assert "guidance_scale: 0.4" in cfg
-    res = read_json(results / "stage3_sweep_digits.json")
+    res = read_json(results / "sweep_named.json")
     g = res["candidates"]["guidance 0.4"]["0"]
     assert g["stages_run"] == ["sample", "stage3"] and g["wall_time_s"] > 0
     assert res["candidates"]["preset"]["0"]["stages_run"] == ["stage3"]
