@@ -38,11 +38,16 @@ COMMON = ["--no-progress", "stage2.label_source=true", "stage2.steps=3", "stage2
 SAMPLE = ["sample.images_per_class=48", "sample.steps=2", "sample.batch_size=48", "sample.shard_size=40",
           "sample.writer_workers=2", "sample.format=tar", "sample.fid=false"]  # fmt: skip
 TRAIN = ["stage2.strategy=ddp", "stage2.checkpoint_every=2"]
+# --command -> (the dpt subcommand, its settings as recorded, the default results file)
+MODES = {
+    "sample": ("sample", SAMPLE, "exit_repeat_cpu.json"),
+    "train": ("stage2", COMMON + TRAIN, "exit_repeat_train_cpu.json"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.exit_repeat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--command", choices=("sample", "train"), default="sample")
+    p.add_argument("--command", choices=tuple(MODES), default="sample")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--json", type=Path, default=None, help="default: results/exit_repeat[_train]_cpu.json")
     return p
@@ -63,17 +68,21 @@ def _one(run_dir: Path, k: int, env: dict[str, str], command: str) -> dict[str, 
         "returncode": proc.returncode,
         "terminate_called": "terminate called" in proc.stderr,
         "traceback": "Traceback" in proc.stderr,
-        "summaries": proc.stdout.count(f"{'sample' if command == 'sample' else 'stage2'}:"),
+        "summaries": proc.stdout.count(f"{MODES[command][0]}:"),
         "seconds": round(time.perf_counter() - t0, 2),
         "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
     }
 
 
+def _clean(r: dict[str, Any]) -> bool:
+    """Exit 0 on every rank, no abort, no traceback, one summary (rank 0's)."""
+    return r["returncode"] == 0 and not r["terminate_called"] and not r["traceback"] and r["summaries"] == 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    json_path = args.json or RESULTS_DIR / (
-        "exit_repeat_cpu.json" if args.command == "sample" else "exit_repeat_train_cpu.json"
-    )
+    subcommand, settings, results_file = MODES[args.command]
+    json_path = args.json or RESULTS_DIR / results_file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dpt-exit-repeat-") as tmp:
@@ -84,19 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.runs):
             r = _one(run_dir, k, env, args.command)
             runs.append(r)
-            clean = r["returncode"] == 0 and not r["terminate_called"] and r["summaries"] == 1
             print(f"run {k:2d}: rc {r['returncode']}, summaries {r['summaries']}, "
-                  f"{'clean' if clean else 'NOT CLEAN'} ({r['seconds']} s)", flush=True)  # fmt: skip
-    bad = [
-        r["run"] for r in runs
-        if r["returncode"] != 0 or r["terminate_called"] or r["traceback"] or r["summaries"] != 1
-    ]  # fmt: skip
+                  f"{'clean' if _clean(r) else 'NOT CLEAN'} ({r['seconds']} s)", flush=True)  # fmt: skip
+    bad = [r["run"] for r in runs if not _clean(r)]
     doc = {
         "benchmark": "exit_repeat",
-        "command": "torchrun --nproc_per_node=2 -m dpt_engine.cli "
-        + (
-            f"sample {' '.join(SAMPLE)}" if args.command == "sample" else f"stage2 {' '.join(COMMON + TRAIN)}"
-        ),
+        "command": f"torchrun --nproc_per_node=2 -m dpt_engine.cli {subcommand} {' '.join(settings)}",
         "runs": len(runs),
         "clean": len(runs) - len(bad),
         "not_clean": bad,
