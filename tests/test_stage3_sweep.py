@@ -82,6 +82,14 @@ def test_reused_stages_follow_what_a_candidate_changes():
         assert "stage1" in reused_stages(overrides), name
 
 
+@pytest.mark.parametrize("preset", ["digits", "fashion-mnist"])
+def test_every_candidate_is_a_valid_config(preset):
+    from dpt_engine.config.presets import resolve_config
+
+    for name, overrides in CANDIDATES.items():  # a typo'd key or bad value fails here, not hours in
+        resolve_config(preset, overrides=["data.holdout=300", *overrides])
+
+
 @pytest.mark.slow
 def test_a_sampling_candidate_resamples_the_seeds_generator(tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"

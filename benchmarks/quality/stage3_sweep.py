@@ -85,6 +85,22 @@ CANDIDATES: dict[str, list[str]] = {
     # preset (fashion-mnist's trend above: guidance 1.0 < 0.4 < 0 for stage 3)
     "guidance -0.3": ["sample.guidance_scale=-0.3"],
     "guidance -0.6": ["sample.guidance_scale=-0.6"],
+    # how stage 3 weighs the pseudo images' labeled signal against FreeMatch's own pseudo-labels on
+    # the real unlabeled images (which restate stage 1's beliefs): a lighter unlabeled term, none at
+    # all (fine-tuning on the labeled + pseudo images), fewer unlabeled images per batch, heavier or
+    # confidence-weighted pseudo images, a longer fine-tuning
+    "lambda_u 0.5": ["stage3.lambda_u=0.5"],
+    "fine-tune on labeled + pseudo images only": ["stage3.keep_unlabeled=false"],
+    "uratio 3": ["stage3.uratio=3"],
+    "pseudo weight 2": ["stage3.pseudo_weight=2"],
+    "stage1-confidence weights": ["stage3.pseudo_weighting=stage1-confidence"],
+    "1000 steps": ["stage3.steps=1000"],
+    # longer fine-tuning, its ablation without pseudo images, and fewer real unlabeled images per
+    # step (uratio 3 instead of 7: a step costs half) to pay for the steps
+    "1000 steps, no pseudo images": ["stage3.steps=1000", "stage3.pseudo_weight=0"],
+    "1000 steps, uratio 3": ["stage3.steps=1000", "stage3.uratio=3"],
+    "2000 steps, uratio 3": ["stage3.steps=2000", "stage3.uratio=3"],
+    "2000 steps, uratio 3, no pseudo images": ["stage3.steps=2000", "stage3.uratio=3", "stage3.pseudo_weight=0"],
 }
 
 _STAGES = ("stage1", "stage2", "sample")
