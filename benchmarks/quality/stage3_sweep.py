@@ -100,7 +100,11 @@ CANDIDATES: dict[str, list[str]] = {
     "1000 steps, no pseudo images": ["stage3.steps=1000", "stage3.pseudo_weight=0"],
     "1000 steps, uratio 3": ["stage3.steps=1000", "stage3.uratio=3"],
     "2000 steps, uratio 3": ["stage3.steps=2000", "stage3.uratio=3"],
-    "2000 steps, uratio 3, no pseudo images": ["stage3.steps=2000", "stage3.uratio=3", "stage3.pseudo_weight=0"],
+    "2000 steps, uratio 3, no pseudo images": [
+        "stage3.steps=2000",
+        "stage3.uratio=3",
+        "stage3.pseudo_weight=0",
+    ],
 }
 
 _STAGES = ("stage1", "stage2", "sample")
