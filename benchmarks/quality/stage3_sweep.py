@@ -100,13 +100,14 @@ CANDIDATES: dict[str, list[str]] = {
     "1000 steps, no pseudo images": ["stage3.steps=1000", "stage3.pseudo_weight=0"],
     "1000 steps, uratio 3": ["stage3.steps=1000", "stage3.uratio=3"],
     "2000 steps, uratio 3": ["stage3.steps=2000", "stage3.uratio=3"],
-    # fashion-mnist's stage 3 before it fine-tuned 1000 steps (the "preset" rows measured before then)
-    "500 steps": ["stage3.steps=500"],
     "2000 steps, uratio 3, no pseudo images": [
         "stage3.steps=2000",
         "stage3.uratio=3",
         "stage3.pseudo_weight=0",
     ],
+    # appended last: a candidate's run folder is named by its position (s<seed>_c<index>)
+    # fashion-mnist's stage 3 before it fine-tuned 1000 steps (the "preset" rows measured before then)
+    "500 steps": ["stage3.steps=500"],
 }
 
 _STAGES = ("stage1", "stage2", "sample")
