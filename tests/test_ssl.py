@@ -462,3 +462,45 @@ def test_pseudo_share_fixes_each_labeled_batch(digits, tmp_path, monkeypatch):
         assert real == [want[0]] * 3 and pseudo == ([want[1]] * 3 if want[1] else [])
     with pytest.raises(DataError, match="pseudo_share"):
         ClassifierData(small, lab, None, None, None, 10, pseudo_share=1.5, num_real_labeled=5).validate(False)
+
+
+def test_thresholds_carry_from_one_run_into_the_next(digits, tmp_path):
+    """A FreeMatch run leaves its final thresholds in ``thresholds.pt`` (and its last checkpoint);
+    ``init_thresholds`` starts the next run there instead of at 1/C, and is part of its fingerprint."""
+    from dpt_engine.ssl.trainer import THRESHOLDS_FILE, final_thresholds
+
+    train, _ = digits
+    lab = _labeled_subset(train.labels, 4)
+    data = ClassifierData(train, lab, train, np.arange(len(train)), None, 10)
+    cfg = _cfg(learner="freematch", steps=30, uratio=2, tau_ema=0.9)
+    fit_classifier(cfg, data, tmp_path / "a", torch.device("cpu"), seed=0, progress=False)
+    saved = final_thresholds(tmp_path / "a")
+    assert saved is not None and 0.5 < float(saved["tau"]) < 1.0  # risen from 1/C = 0.1
+    (tmp_path / "a" / THRESHOLDS_FILE).unlink()  # a run from before the file: its last checkpoint
+    from_ckpt = final_thresholds(tmp_path / "a")
+    assert from_ckpt is not None and all(torch.equal(saved[k], from_ckpt[k]) for k in saved)
+    assert final_thresholds(tmp_path / "nothing") is None
+
+    # one step at momentum 0.9: 90% of the start survives, so the start shows in the end state
+    one = _cfg(learner="freematch", steps=1, uratio=2, tau_ema=0.9)
+    fit_classifier(one, data, tmp_path / "fresh", torch.device("cpu"), seed=1, progress=False)
+    fit_classifier(
+        one, data, tmp_path / "carried", torch.device("cpu"), seed=1, progress=False, init_thresholds=saved
+    )
+    fresh, carried = final_thresholds(tmp_path / "fresh"), final_thresholds(tmp_path / "carried")
+    assert float(fresh["tau"]) < 0.2 < 0.9 * float(saved["tau"]) <= float(carried["tau"])
+    # resuming the carried run with other starting thresholds is another run
+    with pytest.raises(ValueError, match="different configuration"):
+        fit_classifier(
+            one,
+            data,
+            tmp_path / "carried",
+            torch.device("cpu"),
+            seed=1,
+            progress=False,
+            init_thresholds=fresh,
+        )
+    with pytest.raises(ValueError, match="init_thresholds"):
+        fit_classifier(
+            _cfg(learner="fixmatch", steps=1), data, tmp_path / "fm", "cpu", 0, False, init_thresholds=saved
+        )

@@ -149,3 +149,23 @@ def test_stage3_can_start_from_given_backbone_weights(trained):
     same = [k for k in params if torch.allclose(got[k], ref[k], atol=1e-6)]
     moved = [k for k in params if k not in same]
     assert len(same) > 4 and 1 <= len(moved) <= 2, moved  # all but the last layer's weight and bias
+
+
+def test_stage3_can_start_from_stage1s_thresholds(trained):
+    """``stage3.init_thresholds_from_stage1`` starts FreeMatch's thresholds where stage 1's ended
+    (not at 1/C, where nearly every pseudo-label of a trained model passes), says so, and is another
+    run than the default; without the fine-tuning it carries nothing and is refused up front."""
+    from dpt_engine.ssl.trainer import final_thresholds
+
+    root = trained[0]
+    s1_tau = float(final_thresholds(root / "run" / "stage1")["tau"])
+    carried = _stage3(trained, 0, [*DEFENDED, "stage3.init_thresholds_from_stage1=true"])
+    assert carried["init_thresholds_from_stage1"] and carried["initial_global_threshold"] == pytest.approx(
+        s1_tau
+    )
+    assert s1_tau > 0.5 and "thresholds started where stage 1's ended" in carried["what_stage3_did"]
+    plain = _stage3(trained, 0, DEFENDED)
+    assert not plain["init_thresholds_from_stage1"] and "initial_global_threshold" not in plain
+    assert plain["resumed_from_step"] == 0  # not the carried run's checkpoint: another fingerprint
+    with pytest.raises(ConfigError, match="init_thresholds_from_stage1"):
+        resolve_config("digits", overrides=[*BASE, *PLAIN, "stage3.init_thresholds_from_stage1=true"])

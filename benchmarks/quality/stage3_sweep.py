@@ -108,6 +108,12 @@ CANDIDATES: dict[str, list[str]] = {
     # appended last: a candidate's run folder is named by its position (s<seed>_c<index>)
     # fashion-mnist's stage 3 before it fine-tuned 1000 steps (the "preset" rows measured before then)
     "500 steps": ["stage3.steps=500"],
+    # FreeMatch's thresholds start where stage 1's ended instead of at 1/C (the fine-tuned model is
+    # confident from its first step, so at 1/C nearly every pseudo-label passes until they rise)
+    "stage-1 thresholds": ["stage3.init_thresholds_from_stage1=true"],
+    # twice the labeled (so pseudo) images per step, fewer real unlabeled ones: the same images per
+    # step as the preset (128 + 2 x 384 against 64 + 2 x 448)
+    "labeled batch 128, uratio 3": ["stage3.batch_size=128", "stage3.uratio=3"],
 }
 
 _STAGES = ("stage1", "stage2", "sample")

@@ -159,6 +159,10 @@ class ClassifierConfig:
     # much stage 1 agrees with them (the real labeled images keep the rest)
     max_pseudo_share: float = 1.0
     init_from_stage1: bool = False  # start from stage 1's weights (fine-tune) instead of from scratch
+    # with init_from_stage1 and FreeMatch in both stages: start FreeMatch's self-adaptive thresholds
+    # where stage 1's ended instead of at 1/C (where nearly every pseudo-label of a trained model
+    # passes until the thresholds have risen again)
+    init_thresholds_from_stage1: bool = False
     # training forward/backward precision: auto = bf16 autocast on CUDA, fp32 on a CPU; bf16 = bf16
     # autocast on any device (2.2x faster for cnn-small on an AVX512-BF16 CPU); fp32 master weights,
     # EMA and evaluation in every mode
@@ -192,6 +196,12 @@ class ClassifierConfig:
             raise ConfigError(
                 "init_checkpoint starts a trainable learner; a linear probe reads its frozen backbone "
                 "from probe_checkpoint instead"
+            )
+        if self.init_thresholds_from_stage1 and not (self.init_from_stage1 and self.learner == "freematch"):
+            raise ConfigError(
+                "init_thresholds_from_stage1=true carries stage 1's FreeMatch thresholds into a fine-tuning "
+                f"of stage 1 (learner {self.learner!r}, init_from_stage1={self.init_from_stage1}); set "
+                "learner=freematch and init_from_stage1=true, or leave it false"
             )
         if self.init_checkpoint and self.init_from_stage1:
             raise ConfigError(

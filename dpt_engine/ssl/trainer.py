@@ -63,7 +63,7 @@ from ..models.classifiers import create_classifier
 from ..train.checkpoint import CheckpointManager
 from ..train.ema import ema_decay_at
 from ..train.loop import TrainingSteps
-from ..train.state import TrainState, load_train_state, save_train_state
+from ..train.state import TRAINER_FILE, TrainState, load_train_state, save_train_state
 from ..utils import testhooks
 from ..utils.io import atomic_torch_save, atomic_write_json, stable_hash
 from ..utils.pixels import uint8_to_unit
@@ -72,11 +72,13 @@ from .augment import strong, weak
 
 __all__ = [
     "INTERRUPT_ENV",
+    "THRESHOLDS_FILE",
     "ClassifierData",
     "FitResult",
     "FreeMatchThresholds",
     "classifier_losses",
     "evaluate_top1",
+    "final_thresholds",
     "fit_classifier",
     "fixmatch_loss",
     "fixmatch_mask",
@@ -86,6 +88,7 @@ __all__ = [
 ]
 
 INTERRUPT_ENV = testhooks.INTERRUPT_AT_STEP_ENV
+THRESHOLDS_FILE = "thresholds.pt"  # a FreeMatch run's final threshold state, beside model.pt
 _CKPT_VERSION = 2  # 2: the shared train state (dpt_engine.train.state); 1 is resumed too
 _MAX_DEVICE_STORE_BYTES = 2 << 30  # image stores up to 2 GiB live on the GPU
 _MAX_MATERIALISE_BYTES = 8 << 30  # folder datasets up to 8 GiB are read into memory once
@@ -226,6 +229,23 @@ class FreeMatchThresholds:
         self.tau = state["tau"].to(dev)
         self.p_model = state["p_model"].to(dev)
         self.label_hist = state["label_hist"].to(dev)
+
+
+def final_thresholds(work_dir: Path) -> Optional[dict[str, torch.Tensor]]:
+    """The FreeMatch threshold state a finished run in ``work_dir`` ended with: its
+    ``thresholds.pt``, or for a run from before that file its last step checkpoint's; ``None`` when
+    neither holds one (another learner, or the checkpoints were removed)."""
+    path = Path(work_dir) / THRESHOLDS_FILE
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        latest = CheckpointManager(Path(work_dir) / "checkpoints", keep=1).latest()
+        if latest is None or not (latest / TRAINER_FILE).is_file():
+            return None
+        state = torch.load(latest / TRAINER_FILE, map_location="cpu", weights_only=True).get("thresholds")
+    if not isinstance(state, dict) or set(state) != {"tau", "p_model", "label_hist"}:
+        return None
+    return {k: torch.as_tensor(v).float() for k, v in state.items()}
 
 
 def _inv_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -429,7 +449,11 @@ def _state_digest(state: Optional[dict]) -> Optional[str]:
 
 
 def _fingerprint(
-    cfg: ClassifierConfig, data: ClassifierData, seed: int, init_state: Optional[dict] = None
+    cfg: ClassifierConfig,
+    data: ClassifierData,
+    seed: int,
+    init_state: Optional[dict] = None,
+    init_thresholds: Optional[dict] = None,
 ) -> str:
     """What must match for a checkpoint to be resumed (not eval/checkpoint frequency)."""
     keys = (
@@ -457,6 +481,7 @@ def _fingerprint(
             "unlabeled_idx": _array_digest(data.unlabeled_idx),
             "unlabeled_len": None if data.unlabeled is None else len(data.unlabeled),
             **({"init": _state_digest(init_state)} if init_state is not None else {}),
+            **({"init_thresholds": _state_digest(init_thresholds)} if init_thresholds is not None else {}),
         }
     )
 
@@ -721,6 +746,7 @@ def fit_classifier(
     seed: int,
     progress: bool = True,
     init_state: Optional[dict] = None,
+    init_thresholds: Optional[dict[str, torch.Tensor]] = None,
 ) -> FitResult:
     """Train a classifier with ``cfg.learner``; resume from ``work_dir/checkpoints/`` if present.
 
@@ -728,7 +754,8 @@ def fit_classifier(
     and its EMA from those weights instead of a random initialisation (stage 3's fine-tuning).
 
     Writes ``checkpoints/step-N/`` (every ``cfg.checkpoint_every`` steps and at the end), ``model.pt``
-    (EMA state dict) and ``history.json`` into ``work_dir``. Returns the EMA model in eval mode.
+    (EMA state dict), ``thresholds.pt`` (FreeMatch's final threshold state) and ``history.json``
+    into ``work_dir``. Returns the EMA model in eval mode.
     Raises ``ValueError`` if an existing checkpoint was written by a different configuration.
     """
     if cfg.learner not in ("fixmatch", "freematch", "supervised"):
@@ -742,9 +769,13 @@ def fit_classifier(
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(work_dir / "checkpoints", keep=1)
     ckpts.remove_partial()
-    fingerprint = _fingerprint(cfg, data, seed, init_state)
+    if init_thresholds is not None and cfg.learner != "freematch":
+        raise ValueError(f"init_thresholds starts FreeMatch's thresholds; learner is {cfg.learner!r}")
+    fingerprint = _fingerprint(cfg, data, seed, init_state, init_thresholds)
     batches = _Batches(cfg, data, device, semi=cfg.learner != "supervised")
     st = _train_state(cfg, data, batches, device, seed, init_state)
+    if init_thresholds is not None:
+        st.thresholds.load_state_dict(init_thresholds)
     _resume(ckpts, work_dir, fingerprint, st)
     start = st.step
 
@@ -796,6 +827,8 @@ def fit_classifier(
         if test_top1 is None:
             test_top1 = evaluate_top1(ema, data.test, device=device)
     atomic_torch_save(work_dir / "model.pt", ema.state_dict())
+    if cfg.learner == "freematch":
+        atomic_torch_save(work_dir / THRESHOLDS_FILE, st.thresholds.state_dict())
     atomic_write_json(work_dir / "history.json", history)
     return FitResult(model=ema, history=history, test_top1=test_top1, resumed_from=start)
 

@@ -49,6 +49,8 @@ def classifier_fingerprint(cfg: ClassifierConfig) -> dict[str, Any]:
         d.get("precision") == "auto"
     ):  # the behaviour before the field existed: old runs keep their fingerprint
         d.pop("precision")
+    if not d.get("init_thresholds_from_stage1"):  # likewise (stage 3's fingerprint adds the state)
+        d.pop("init_thresholds_from_stage1", None)
     if d.get("init_checkpoint") is None:  # likewise
         d.pop("init_checkpoint", None)
     elif Path(d["init_checkpoint"]).expanduser().is_file():  # new weights at the same path: a new run
@@ -63,13 +65,23 @@ def fit_learner(
     ctx: StageContext,
     seed: int,
     init_state: dict | None = None,
+    init_thresholds: dict | None = None,
 ) -> FitResult:
     """Dispatch to the configured learner (semi-supervised, supervised or linear probe)."""
     if cfg.learner == "linear-probe":
         return fit_linear_probe(cfg, data, work_dir, ctx.device, seed)
     if cfg.learner in ("freematch", "fixmatch") and data.unlabeled is None:
         cfg = replace(cfg, learner="supervised")
-    return fit_classifier(cfg, data, work_dir, ctx.device, seed, progress=ctx.progress, init_state=init_state)
+    return fit_classifier(
+        cfg,
+        data,
+        work_dir,
+        ctx.device,
+        seed,
+        progress=ctx.progress,
+        init_state=init_state,
+        init_thresholds=init_thresholds,
+    )
 
 
 def initial_weights(cfg: ClassifierConfig, sp: DatasetSplits, seed: int) -> dict[str, torch.Tensor] | None:

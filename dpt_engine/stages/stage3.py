@@ -303,6 +303,26 @@ def _stage1_init(ctx: StageContext) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _stage1_thresholds(ctx: StageContext) -> dict:
+    """Stage 1's final FreeMatch thresholds, to start stage 3's from
+    (``stage3.init_thresholds_from_stage1``)."""
+    from ..ssl.trainer import final_thresholds
+
+    if ctx.cfg.stage1.learner != "freematch":
+        raise DataError(
+            "stage3.init_thresholds_from_stage1=true needs a FreeMatch stage 1 (stage1.learner="
+            f"{ctx.cfg.stage1.learner}); set stage3.init_thresholds_from_stage1=false"
+        )
+    state = final_thresholds(ctx.stage_dir("stage1"))
+    if state is None:
+        raise DataError(
+            f"stage3.init_thresholds_from_stage1=true needs stage 1's thresholds ({ctx.stage_dir('stage1')}"
+            "/thresholds.pt or its last checkpoint), and neither is there: rerun stage 1 or set "
+            "stage3.init_thresholds_from_stage1=false"
+        )
+    return state
+
+
 def describe_stage3(s: dict[str, Any]) -> str:
     """One paragraph for the report: what stage 3 trained on and why."""
     parts = []
@@ -343,6 +363,11 @@ def describe_stage3(s: dict[str, Any]) -> str:
         if s.get("init_from_stage1")
         else "training started from scratch"
     )
+    if s.get("init_thresholds_from_stage1") and s.get("initial_global_threshold") is not None:
+        parts.append(
+            f"FreeMatch's thresholds started where stage 1's ended (global {s['initial_global_threshold']:.2f}, "
+            "not 1/C)"
+        )
     text = "; ".join(parts) + "."
     if agree is not None and agree < _AGREEMENT_WARN:
         text += (
@@ -449,6 +474,8 @@ def run_stage3(
         loaded["pseudo"] = load_pseudo_images(pseudo_dir, sp, decode=_latent_decoder(ctx, sp, pseudo_dir))
         if cfg.stage3.init_from_stage1:
             loaded["init"] = _stage1_init(ctx)
+        if cfg.stage3.init_thresholds_from_stage1:
+            loaded["thresholds"] = _stage1_thresholds(ctx)
 
     def body(stage_dir: Path) -> dict[str, Any]:
         sp = loaded.pop("splits", None) or (splits if splits is not None else build_splits(cfg.data))
@@ -464,6 +491,9 @@ def run_stage3(
             init_state = _stage1_init(ctx)
         else:
             init_state = initial_weights(cfg.stage3, sp, cfg.run.seed)
+        init_thresholds = None
+        if cfg.stage3.init_thresholds_from_stage1:
+            init_thresholds = loaded.pop("thresholds", None) or _stage1_thresholds(ctx)
         data = _stage3_data(ctx, sp, pseudo, pseudo_w, filter_info)
         semi = data.unlabeled is not None
         log.info(
@@ -474,7 +504,15 @@ def run_stage3(
             pseudo_dir,
             "with the real unlabeled images" if semi else "supervised",
         )
-        fit = fit_learner(cfg.stage3, data, stage_dir, ctx, cfg.run.seed, init_state=init_state)
+        fit = fit_learner(
+            cfg.stage3,
+            data,
+            stage_dir,
+            ctx,
+            cfg.run.seed,
+            init_state=init_state,
+            init_thresholds=init_thresholds,
+        )
         atomic_write_json(stage_dir / "history.json", fit.history)
         s1, gain_stats = _gain_over_stage1(ctx, sp, stage_dir, fit, stage1_top1)
         counts = np.bincount(pseudo.labels.numpy(), minlength=sp.num_classes)
@@ -494,6 +532,12 @@ def run_stage3(
             "keep_unlabeled": bool(semi),
             "resumed_from_step": fit.resumed_from,
             "init_from_stage1": bool(cfg.stage3.init_from_stage1),
+            "init_thresholds_from_stage1": bool(cfg.stage3.init_thresholds_from_stage1),
+            **(
+                {"initial_global_threshold": float(init_thresholds["tau"])}
+                if init_thresholds is not None
+                else {}
+            ),
             "init_checkpoint": cfg.stage3.init_checkpoint,
             "pseudo_weighting": cfg.stage3.pseudo_weighting,
             "pseudo_weight": cfg.stage3.pseudo_weight,
