@@ -169,3 +169,13 @@ def test_stage3_can_start_from_stage1s_thresholds(trained):
     assert plain["resumed_from_step"] == 0  # not the carried run's checkpoint: another fingerprint
     with pytest.raises(ConfigError, match="init_thresholds_from_stage1"):
         resolve_config("digits", overrides=[*BASE, *PLAIN, "stage3.init_thresholds_from_stage1=true"])
+    with pytest.raises(ConfigError, match="keep_unlabeled=False"):  # no FreeMatch runs without them
+        resolve_config(
+            "digits",
+            overrides=[
+                *BASE,
+                *DEFENDED,
+                "stage3.keep_unlabeled=false",
+                "stage3.init_thresholds_from_stage1=true",
+            ],
+        )

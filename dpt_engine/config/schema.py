@@ -197,11 +197,14 @@ class ClassifierConfig:
                 "init_checkpoint starts a trainable learner; a linear probe reads its frozen backbone "
                 "from probe_checkpoint instead"
             )
-        if self.init_thresholds_from_stage1 and not (self.init_from_stage1 and self.learner == "freematch"):
+        if self.init_thresholds_from_stage1 and not (
+            self.init_from_stage1 and self.learner == "freematch" and self.keep_unlabeled
+        ):
             raise ConfigError(
-                "init_thresholds_from_stage1=true carries stage 1's FreeMatch thresholds into a fine-tuning "
-                f"of stage 1 (learner {self.learner!r}, init_from_stage1={self.init_from_stage1}); set "
-                "learner=freematch and init_from_stage1=true, or leave it false"
+                "init_thresholds_from_stage1=true carries stage 1's FreeMatch thresholds into a FreeMatch "
+                f"fine-tuning of stage 1 (learner {self.learner!r}, init_from_stage1={self.init_from_stage1}, "
+                f"keep_unlabeled={self.keep_unlabeled}); set learner=freematch, init_from_stage1=true and "
+                "keep_unlabeled=true, or leave it false"
             )
         if self.init_checkpoint and self.init_from_stage1:
             raise ConfigError(
